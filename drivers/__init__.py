@@ -1,0 +1,1 @@
+"""Network drivers: each builds one kind of dataplane behind the `NetworkDriver` interface."""

@@ -1,0 +1,144 @@
+"""The bridge driver: composes kernel adapters into networks and endpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+from collections.abc import Mapping
+from contextlib import ExitStack, suppress
+
+from netstack.drivers.bridge import firewall
+from netstack.drivers.bridge.options import BridgeOptions
+
+from netstack import faults
+from netstack.errors import Conflict, KernelError
+from netstack.kernel import links, sysctl
+from netstack.kernel.nftables import Nftables
+from netstack.model import Endpoint, IPInterface, Network, Sandbox
+
+log = logging.getLogger(__name__)
+
+VETH_HOST_PREFIX = "nsv"
+VETH_PEER_PREFIX = "nsp"
+
+
+def host_veth_name(endpoint_id: str) -> str:
+    """The host end of an endpoint's veth pair (15 bytes, findable by prefix)."""
+    return f"{VETH_HOST_PREFIX}{endpoint_id[:12]}"
+
+
+def peer_veth_name(endpoint_id: str) -> str:
+    """The sandbox end's name until it is moved into the sandbox and renamed."""
+    return f"{VETH_PEER_PREFIX}{endpoint_id[:12]}"
+
+
+def bridge_mac(network_id: str) -> str:
+    """A stable, locally administered MAC for the bridge (the gateway's MAC)."""
+    digest = hashlib.sha256(f"bridge:{network_id}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
+
+
+def facts_of(network: Network, options: BridgeOptions) -> firewall.NetworkFacts:
+    return firewall.NetworkFacts(
+        bridge=options.bridge_name,
+        subnets=tuple(p.subnet for p in network.pools),
+        internal=network.internal,
+        masquerade=options.masquerade,
+    )
+
+
+class BridgeDriver:
+    """One Linux bridge per network; one veth pair per endpoint."""
+
+    name = "bridge"
+
+    def __init__(self) -> None:
+        self._nft: Nftables | None = None
+
+    @property
+    def nft(self) -> Nftables:
+        if self._nft is None:
+            self._nft = Nftables()
+        return self._nft
+
+    def validate_options(self, options: Mapping[str, str], network_id: str) -> dict[str, str]:
+        return BridgeOptions.parse(options, network_id).to_dict()
+
+    @staticmethod
+    def options_of(network: Network) -> BridgeOptions:
+        return BridgeOptions.parse(network.options, network.id)
+
+    def create_network(self, network: Network) -> None:
+        """Bridge with gateway addresses, forwarding on, set elements in nftables.
+
+        All or nothing: a failure removes what this call made. Raises Conflict when the bridge
+        name is taken, KernelError when the kernel refuses.
+        """
+        options = self.options_of(network)
+        gateways: list[IPInterface] = []
+        for pool in network.pools:
+            if pool.gateway is not None:
+                gateways.append(ip_interface(pool.gateway, pool.subnet.prefixlen))
+        with ExitStack() as undo:
+            sysctl.write("net.ipv4.ip_forward", "1")
+            if network.enable_ipv6:
+                sysctl.write("net.ipv6.conf.all.forwarding", "1")
+            links.create_bridge(options.bridge_name, bridge_mac(network.id), options.mtu, gateways)
+            undo.callback(links.delete_link, options.bridge_name)
+            faults.checkpoint("network-create:after-bridge")
+            facts = facts_of(network, options)
+            self.nft.run(firewall.base_ruleset() + firewall.add_network(facts))
+            undo.callback(self._delete_elements, facts)
+            faults.checkpoint("network-create:after-firewall")
+            undo.pop_all()
+        log.info("network=%s bridge=%s created", network.id[:12], options.bridge_name)
+
+    def _delete_elements(self, facts: firewall.NetworkFacts) -> None:
+        commands = firewall.delete_network_commands(facts)
+        try:
+            self.nft.run("\n".join(commands))
+        except KernelError:
+            for command in commands:  # some were already gone: remove the rest one by one
+                with suppress(KernelError):
+                    self.nft.run(command)
+
+    def delete_network(self, network: Network) -> None:
+        options = self.options_of(network)
+        self._delete_elements(facts_of(network, options))
+        links.delete_link(options.bridge_name)
+        log.info("network=%s bridge=%s deleted", network.id[:12], options.bridge_name)
+
+    def create_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        options = self.options_of(network)
+        links.create_veth(
+            host_veth_name(endpoint.id),
+            peer_veth_name(endpoint.id),
+            master=options.bridge_name,
+            mtu=options.mtu,
+            peer_mac=endpoint.mac,
+            isolated=not options.icc,
+        )
+
+    def join(self, network: Network, endpoint: Endpoint, sandbox: Sandbox) -> str:
+        """Move the peer into the sandbox as the lowest free ethN, address it, route it."""
+        gateways = [] if network.internal else [p.gateway for p in network.pools if p.gateway]
+        for _attempt in range(5):
+            ifname = links.next_eth_name(sandbox.name)
+            try:
+                links.move_to_sandbox(peer_veth_name(endpoint.id), sandbox.name, ifname)
+                break
+            except Conflict:  # a concurrent connect took that name: pick the next one
+                continue
+        else:
+            raise KernelError(f"no free interface name in sandbox {sandbox.name}; try again")
+        links.configure_sandbox_interface(sandbox.name, ifname, endpoint.interfaces(), gateways)
+        return ifname
+
+    def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        links.delete_link(host_veth_name(endpoint.id))
+
+
+def ip_interface(address: object, prefixlen: int) -> IPInterface:
+    """`address/prefixlen` as an interface address."""
+    return ipaddress.ip_interface(f"{address}/{prefixlen}")

@@ -1,0 +1,93 @@
+"""Bridge driver options, parsed once into a typed object (strict about unknown keys)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from netstack.errors import InvalidArgument
+
+IFNAMSIZ_MAX = 15
+BRIDGE_PREFIX = "nsbr"
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+# Docker's option names (docker network create -o ...) mapped onto ours.
+_ALIASES = {
+    "com.docker.network.bridge.name": "bridge.name",
+    "com.docker.network.driver.mtu": "mtu",
+    "com.docker.network.bridge.enable_ip_masquerade": "masquerade",
+    "com.docker.network.bridge.enable_icc": "icc",
+}
+_KNOWN = ("bridge.name", "mtu", "masquerade", "icc")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def validate_ifname(name: str, what: str) -> str:
+    """Check an interface name: 1-15 bytes of letters, digits, '_', '.', '-'."""
+    if len(name.encode()) > IFNAMSIZ_MAX:
+        raise InvalidArgument(
+            f"{what} {name!r} is {len(name.encode())} bytes; interface names are at most "
+            f"{IFNAMSIZ_MAX} bytes, choose a shorter one"
+        )
+    if not _IFNAME.match(name) or name in (".", ".."):
+        raise InvalidArgument(
+            f"{what} {name!r} is not a valid interface name; use letters, digits, '_', '.', '-'"
+        )
+    return name
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InvalidArgument(f"option {key}={value!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """The bridge driver's options for one network."""
+
+    bridge_name: str
+    mtu: int = 1500
+    masquerade: bool = True
+    icc: bool = True
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, str], network_id: str) -> BridgeOptions:
+        """Validate user options (Docker's long names accepted); fill defaults."""
+        values: dict[str, str] = {}
+        for key, value in raw.items():
+            name = _ALIASES.get(key, key)
+            if name not in _KNOWN:
+                raise InvalidArgument(
+                    f"unknown bridge option {key!r}; known options: {', '.join(_KNOWN)}"
+                )
+            values[name] = value
+        bridge_name = values.get("bridge.name") or f"{BRIDGE_PREFIX}{network_id[:11]}"
+        validate_ifname(bridge_name, "bridge.name")
+        mtu_text = values.get("mtu", "1500")
+        try:
+            mtu = int(mtu_text)
+        except ValueError:
+            raise InvalidArgument(f"option mtu={mtu_text!r} is not a number") from None
+        if not 68 <= mtu <= 65535:
+            raise InvalidArgument(f"option mtu={mtu} is out of range; use 68..65535")
+        return cls(
+            bridge_name=bridge_name,
+            mtu=mtu,
+            masquerade=_parse_bool("masquerade", values.get("masquerade", "true")),
+            icc=_parse_bool("icc", values.get("icc", "true")),
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        """The normalised form stored with the network and shown by inspect."""
+        return {
+            "bridge.name": self.bridge_name,
+            "mtu": str(self.mtu),
+            "masquerade": str(self.masquerade).lower(),
+            "icc": str(self.icc).lower(),
+        }

@@ -1,0 +1,1 @@
+"""netctl, the command-line front-end."""

@@ -1,0 +1,3 @@
+from netstack.cli.app import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""netctl command handlers: parse arguments into requests, call the controller, render."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from netstack.cli.render import network_document, sandbox_document, table
+from netstack.controller import ConnectRequest, Controller, NetworkRequest, parse_key_values
+from netstack.drivers.bridge import BridgeDriver
+from netstack.errors import InvalidArgument
+from netstack.kernel import netns
+from netstack.store import Store
+
+
+def build_controller() -> Controller:
+    """The object graph, built in one place."""
+    return Controller(Store(), {"bridge": BridgeDriver()})
+
+
+def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+    if getattr(args, "format", "table") == "json":
+        print(json.dumps(document, indent=2))
+    elif text:
+        print(text)
+
+
+def network_create(args: argparse.Namespace) -> int:
+    request = NetworkRequest(
+        name=args.name,
+        driver=args.driver,
+        subnets=args.subnet,
+        gateways=args.gateway,
+        ip_ranges=args.ip_range,
+        aux_addresses=args.aux_address,
+        ipv6=args.ipv6,
+        internal=args.internal,
+        options=parse_key_values(args.opt, "--opt"),
+        labels=parse_key_values(args.label, "--label"),
+    )
+    controller = build_controller()
+    network = controller.create_network(request)
+    _emit(args, network_document(network, []), network.id)
+    return 0
+
+
+def network_ls(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    networks = controller.store.networks()
+    docs = [network_document(n, controller.store.endpoints(network_id=n.id)) for n in networks]
+    rows = [
+        [
+            d["Id"][:12],
+            d["Name"],
+            d["Driver"],
+            ", ".join(c["Subnet"] for c in d["IPAM"]["Config"]),
+            str(len(d["Endpoints"])),
+            "internal" if d["Internal"] else "",
+        ]
+        for d in docs
+    ]
+    _emit(args, docs, table(["NETWORK ID", "NAME", "DRIVER", "SUBNETS", "ENDPOINTS", ""], rows))
+    return 0
+
+
+def network_inspect(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    docs = []
+    for name in args.names:
+        network = controller.network(name)
+        docs.append(network_document(network, controller.store.endpoints(network_id=network.id)))
+    print(json.dumps(docs, indent=2))
+    return 0
+
+
+def network_rm(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    for name in args.names:
+        controller.remove_network(name, force=args.force)
+        print(name)
+    return 0
+
+
+def network_connect(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    endpoint = controller.connect(
+        args.network,
+        args.sandbox,
+        ConnectRequest(ip=args.ip, ip6=args.ip6, aliases=args.alias, mac=args.mac),
+    )
+    network = controller.network(args.network)
+    document = sandbox_document(controller.sandbox(args.sandbox), [(endpoint, network.name)])
+    _emit(args, document["Endpoints"][0], "")
+    return 0
+
+
+def network_disconnect(args: argparse.Namespace) -> int:
+    build_controller().disconnect(args.network, args.sandbox)
+    return 0
+
+
+def network_prune(args: argparse.Namespace) -> int:
+    removed = build_controller().prune()
+    _emit(args, removed, "\n".join(removed))
+    return 0
+
+
+def _sandbox_doc(controller: Controller, name: str) -> dict[str, Any]:
+    sandbox = controller.sandbox(name)
+    names = {n.id: n.name for n in controller.store.networks()}
+    endpoints = controller.store.endpoints(sandbox=sandbox.name)
+    return sandbox_document(sandbox, [(e, names.get(e.network_id, "?")) for e in endpoints])
+
+
+def sandbox_create(args: argparse.Namespace) -> int:
+    sandbox = build_controller().create_sandbox(args.name)
+    print(sandbox.name)
+    return 0
+
+
+def sandbox_ls(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    docs = [_sandbox_doc(controller, s.name) for s in controller.store.sandboxes()]
+    rows = [
+        [
+            d["Name"],
+            ", ".join(f"{e['Network']}:{e['Interface']}" for e in d["Endpoints"]),
+            ", ".join(a for e in d["Endpoints"] for a in (e["IPv4Address"], e["IPv6Address"]) if a),
+        ]
+        for d in docs
+    ]
+    _emit(args, docs, table(["NAME", "NETWORKS", "ADDRESSES"], rows))
+    return 0
+
+
+def sandbox_inspect(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    print(json.dumps([_sandbox_doc(controller, name) for name in args.names], indent=2))
+    return 0
+
+
+def sandbox_rm(args: argparse.Namespace) -> int:
+    controller = build_controller()
+    for name in args.names:
+        controller.remove_sandbox(name)
+        print(name)
+    return 0
+
+
+def sandbox_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise InvalidArgument("no command given; usage: netctl sandbox exec NAME -- CMD [ARG...]")
+    controller = build_controller()
+    sandbox = controller.sandbox(args.name)
+    netns.exec_in(sandbox.name, command)
+    return 0  # not reached: exec_in replaces the process

@@ -1,0 +1,77 @@
+"""Rendering for netctl: Docker-like JSON documents and plain-text tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from netstack.model import Endpoint, Network, Sandbox
+
+
+def network_document(network: Network, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+    """`network inspect --format json` for one network (Docker's field names)."""
+    config = []
+    for pool in network.pools:
+        item: dict[str, Any] = {"Subnet": str(pool.subnet), "Gateway": str(pool.gateway)}
+        if pool.ip_range is not None:
+            item["IPRange"] = str(pool.ip_range)
+        if pool.aux_addresses:
+            item["AuxiliaryAddresses"] = {k: str(v) for k, v in pool.aux_addresses.items()}
+        config.append(item)
+    return {
+        "Name": network.name,
+        "Id": network.id,
+        "Created": network.created,
+        "Scope": network.scope,
+        "Driver": network.driver,
+        "EnableIPv6": network.enable_ipv6,
+        "Internal": network.internal,
+        "IPAM": {"Driver": "default", "Config": config},
+        "Options": dict(network.options),
+        "Labels": dict(network.labels),
+        "Endpoints": [
+            {
+                "EndpointID": e.id,
+                "Name": e.name,
+                "Sandbox": e.sandbox,
+                "Interface": e.interface,
+                "MacAddress": e.mac,
+                "IPv4Address": "" if e.ipv4 is None else str(e.ipv4),
+                "IPv6Address": "" if e.ipv6 is None else str(e.ipv6),
+                "Aliases": list(e.aliases),
+            }
+            for e in endpoints
+        ],
+    }
+
+
+def sandbox_document(sandbox: Sandbox, endpoints: Sequence[tuple[Endpoint, str]]) -> dict[str, Any]:
+    """`sandbox inspect --format json`; endpoints come with their network's name."""
+    return {
+        "Name": sandbox.name,
+        "Path": sandbox.path,
+        "Created": sandbox.created,
+        "Endpoints": [
+            {
+                "Network": network_name,
+                "EndpointID": e.id,
+                "Interface": e.interface,
+                "MacAddress": e.mac,
+                "IPv4Address": "" if e.ipv4 is None else str(e.ipv4),
+                "IPv6Address": "" if e.ipv6 is None else str(e.ipv6),
+            }
+            for e, network_name in endpoints
+        ],
+    }
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart, like `docker network ls`."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [list(headers), *rows]
+    ]
+    return "\n".join(lines)

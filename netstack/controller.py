@@ -1,0 +1,458 @@
+"""The controller: the one place that composes store, IPAM, drivers and namespaces.
+
+create network = validate -> IPAM pools -> store -> driver.create_network
+connect        = IPAM address + endpoint row -> driver.create_endpoint -> driver.join -> store
+Each step registers its undo on an ExitStack; any failure unwinds all of them. Teardown is
+best effort: every step is tried, failures are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import secrets
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from netstack import faults
+from netstack.drivers.api import NetworkDriver
+from netstack.errors import Conflict, InUse, InvalidArgument, KernelError, NetstackError, NotFound
+from netstack.ipam import AddressAllocator, choose_default_pool, default_ipv6_pool, make_pool_spec
+from netstack.ipam.pools import parse_address, parse_network
+from netstack.kernel import links, netns
+from netstack.model import Endpoint, IPAddress, IPNetwork, Network, PoolConfig, Sandbox
+from netstack.store import Store, now
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def validate_name(name: str, what: str) -> str:
+    """Names: 1-64 characters, starting alphanumeric, then letters, digits, '_', '.', '-'."""
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_key_values(items: Sequence[str], what: str) -> dict[str, str]:
+    """['k=v', ...] -> {'k': 'v'}; raise InvalidArgument for an item without '='."""
+    result: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"invalid {what} {item!r}: expected KEY=VALUE")
+        result[key] = value
+    return result
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC address."""
+    raw = bytearray(secrets.token_bytes(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@dataclass
+class NetworkRequest:
+    """What `network create` asks for, as the user typed it."""
+
+    name: str
+    driver: str = "bridge"
+    subnets: list[str] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+    ip_ranges: list[str] = field(default_factory=list)
+    aux_addresses: list[str] = field(default_factory=list)
+    ipv6: bool = False
+    internal: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectRequest:
+    """What `network connect` asks for."""
+
+    ip: str | None = None
+    ip6: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class _PoolRequest:
+    subnet: IPNetwork
+    gateway: IPAddress | None = None
+    ip_range: IPNetwork | None = None
+    aux: dict[str, IPAddress] = field(default_factory=dict)
+
+
+def _containing(address_or_net: IPAddress | IPNetwork, subnets: list[IPNetwork]) -> IPNetwork:
+    for subnet in subnets:
+        if isinstance(address_or_net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            if address_or_net.version == subnet.version and address_or_net.subnet_of(subnet):  # type: ignore[arg-type]
+                return subnet
+        elif address_or_net in subnet:
+            return subnet
+    raise KeyError(address_or_net)
+
+
+def pool_requests(request: NetworkRequest) -> list[_PoolRequest]:
+    """Pair --gateway, --ip-range and --aux-address with the --subnet that contains each."""
+    subnets = [parse_network(s, "subnet") for s in request.subnets]
+    for version in (4, 6):
+        if sum(1 for s in subnets if s.version == version) > 1:
+            raise InvalidArgument(f"only one IPv{version} --subnet per network is supported")
+    gateways: dict[IPNetwork, IPAddress] = {}
+    for text in request.gateways:
+        gateway = parse_address(text, "gateway")
+        try:
+            subnet = _containing(gateway, subnets)
+        except KeyError:
+            raise InvalidArgument(
+                f"gateway {gateway} is outside every --subnet "
+                f"({', '.join(map(str, subnets)) or 'none given'}); choose a gateway inside one"
+            ) from None
+        if subnet in gateways:
+            raise InvalidArgument(f"more than one --gateway for subnet {subnet}")
+        gateways[subnet] = gateway
+    ranges: dict[IPNetwork, IPNetwork] = {}
+    for text in request.ip_ranges:
+        ip_range = parse_network(text, "ip-range")
+        try:
+            subnet = _containing(ip_range, subnets)
+        except KeyError:
+            raise InvalidArgument(
+                f"ip-range {ip_range} is outside every --subnet "
+                f"({', '.join(map(str, subnets)) or 'none given'}); choose a range inside one"
+            ) from None
+        if subnet in ranges:
+            raise InvalidArgument(f"more than one --ip-range for subnet {subnet}")
+        ranges[subnet] = ip_range
+    aux: dict[IPNetwork, dict[str, IPAddress]] = {s: {} for s in subnets}
+    for name, text in parse_key_values(request.aux_addresses, "aux-address").items():
+        address = parse_address(text, f"aux-address {name}")
+        try:
+            aux[_containing(address, subnets)][name] = address
+        except KeyError:
+            raise InvalidArgument(
+                f"aux-address {name}={address} is outside every --subnet; "
+                "choose an address inside one"
+            ) from None
+    return [_PoolRequest(s, gateways.get(s), ranges.get(s), aux[s]) for s in subnets]
+
+
+class Controller:
+    """Networks, endpoints and sandboxes, built from the store, IPAM and drivers."""
+
+    def __init__(
+        self,
+        store: Store,
+        drivers: Mapping[str, NetworkDriver],
+        host_routes: Callable[[], list[IPNetwork]] = links.host_routes,
+    ) -> None:
+        self.store = store
+        self.drivers = dict(drivers)
+        self._host_routes = host_routes
+
+    # lookups --------------------------------------------------------------------------------
+    def network(self, name_or_id: str) -> Network:
+        network = self.store.find_network(name_or_id)
+        if network is None:
+            raise NotFound(
+                f"network {name_or_id!r} not found; list networks with `netctl network ls`"
+            )
+        return network
+
+    def sandbox(self, name: str) -> Sandbox:
+        sandbox = self.store.find_sandbox(name)
+        if sandbox is None:
+            raise NotFound(
+                f"sandbox {name!r} not found; create it with `netctl sandbox create {name}`"
+            )
+        return sandbox
+
+    def driver(self, name: str) -> NetworkDriver:
+        try:
+            return self.drivers[name]
+        except KeyError:
+            raise InvalidArgument(
+                f"unknown driver {name!r}; available drivers: {', '.join(sorted(self.drivers))}"
+            ) from None
+
+    # networks -------------------------------------------------------------------------------
+    def create_network(self, request: NetworkRequest) -> Network:
+        """Validate, reserve pools, build the dataplane. All or nothing."""
+        validate_name(request.name, "network")
+        driver = self.driver(request.driver)
+        network_id = secrets.token_hex(32)
+        options = driver.validate_options(request.options, network_id)
+        requested = pool_requests(request)
+        enable_ipv6 = request.ipv6 or any(p.subnet.version == 6 for p in requested)
+        with ExitStack() as undo:
+            with self.store.transaction() as conn:
+                network = self._reserve_network(
+                    conn, request, network_id, requested, options, enable_ipv6
+                )
+            undo.callback(self._forget_network, network.id)
+            driver.create_network(network)
+            undo.callback(driver.delete_network, network)
+            faults.checkpoint("network-create:before-store")
+            undo.pop_all()
+        log.info("network=%s name=%s created", network.id[:12], network.name)
+        return network
+
+    def _reserve_network(
+        self,
+        conn: sqlite3.Connection,
+        request: NetworkRequest,
+        network_id: str,
+        requested: list[_PoolRequest],
+        options: dict[str, str],
+        enable_ipv6: bool,
+    ) -> Network:
+        """Inside one write transaction: name and subnet checks, pools, the network row."""
+        if self.store.network_named(request.name) is not None:
+            raise Conflict(
+                f"network {request.name!r} already exists; choose another name "
+                "or remove it first (netctl network rm)"
+            )
+        bridge = options.get("bridge.name")
+        for other in self.store.networks():
+            if bridge and other.options.get("bridge.name") == bridge:
+                raise Conflict(
+                    f"bridge {bridge!r} is used by network {other.name!r}; "
+                    "choose another bridge.name"
+                )
+        allocator = AddressAllocator(conn)
+        if not any(p.subnet.version == 4 for p in requested):
+            in_use = allocator.subnets_in_use() + self._host_routes()
+            requested.insert(0, _PoolRequest(choose_default_pool(in_use)))
+        if enable_ipv6 and not any(p.subnet.version == 6 for p in requested):
+            requested.append(
+                _PoolRequest(default_ipv6_pool(network_id, allocator.subnets_in_use()))
+            )
+        network = Network(
+            id=network_id,
+            name=request.name,
+            driver=request.driver,
+            pools=[],
+            options=options,
+            labels=dict(request.labels),
+            internal=request.internal,
+            enable_ipv6=enable_ipv6,
+            created=now(),
+        )
+        specs = []
+        for pool in requested:
+            clash = allocator.network_of_subnet(pool.subnet)
+            if clash is not None:
+                owner = next((n.name for n in self.store.networks() if n.id == clash[0]), "?")
+                raise Conflict(
+                    f"subnet {pool.subnet} overlaps network {owner!r} ({clash[1]}); "
+                    "choose another --subnet"
+                )
+            spec = make_pool_spec(pool.subnet, pool.gateway, pool.ip_range, pool.aux)
+            specs.append(spec)
+            network.pools.append(
+                PoolConfig(spec.subnet, spec.gateway, spec.ip_range, dict(spec.aux_addresses))
+            )
+        self.store.insert_network(conn, network)
+        for spec in specs:
+            allocator.add_pool(network_id, spec)
+        return network
+
+    def _forget_network(self, network_id: str) -> None:
+        with self.store.transaction() as conn:
+            AddressAllocator(conn).remove_pools(network_id)
+            self.store.delete_network(conn, network_id)
+
+    def remove_network(self, name_or_id: str, force: bool = False) -> Network:
+        """Remove a network; with `force`, disconnect its endpoints first."""
+        network = self.network(name_or_id)
+        endpoints = self.store.endpoints(network_id=network.id)
+        if endpoints and not force:
+            names = ", ".join(e.sandbox for e in endpoints[:5])
+            more = f" and {len(endpoints) - 5} more" if len(endpoints) > 5 else ""
+            raise InUse(
+                f"network {network.name!r} has {len(endpoints)} connected sandbox(es) "
+                f"({names}{more}); disconnect them or use --force"
+            )
+        errors: list[str] = []
+        for endpoint in endpoints:
+            try:
+                self._disconnect(network, endpoint)
+            except NetstackError as exc:
+                errors.append(str(exc))
+        driver = self.driver(network.driver)
+        try:
+            driver.delete_network(network)
+        except NetstackError as exc:
+            errors.append(str(exc))
+        self._forget_network(network.id)
+        if errors:
+            raise KernelError(f"network {network.name!r} removed with errors: {'; '.join(errors)}")
+        log.info("network=%s name=%s removed", network.id[:12], network.name)
+        return network
+
+    def prune(self) -> list[str]:
+        """Remove every network without endpoints; return their names."""
+        removed = []
+        for network in self.store.networks():
+            if not self.store.endpoints(network_id=network.id):
+                self.remove_network(network.id)
+                removed.append(network.name)
+        return removed
+
+    # endpoints ------------------------------------------------------------------------------
+    def connect(self, network_name: str, sandbox_name: str, request: ConnectRequest) -> Endpoint:
+        """Attach a sandbox to a network. All or nothing."""
+        network = self.network(network_name)
+        sandbox = self.sandbox(sandbox_name)
+        if not netns.exists(sandbox.name):
+            raise NotFound(
+                f"the network namespace of sandbox {sandbox.name!r} is gone; "
+                f"remove the sandbox (netctl sandbox rm {sandbox.name}) and create it again"
+            )
+        ip = parse_address(request.ip, "--ip") if request.ip else None
+        ip6 = parse_address(request.ip6, "--ip6") if request.ip6 else None
+        if ip is not None and ip.version != 4:
+            raise InvalidArgument(f"--ip {ip} is not an IPv4 address; use --ip6 for IPv6")
+        if ip6 is not None and ip6.version != 6:
+            raise InvalidArgument(f"--ip6 {ip6} is not an IPv6 address; use --ip for IPv4")
+        mac = random_mac()
+        if request.mac is not None:
+            mac = request.mac.lower()
+            if not _MAC.match(mac) or int(mac[:2], 16) & 1:
+                raise InvalidArgument(
+                    f"invalid --mac {request.mac!r}: give a unicast MAC like 02:42:ac:11:00:02"
+                )
+        for alias in request.aliases:
+            validate_name(alias, "alias")
+        driver = self.driver(network.driver)
+        endpoint = Endpoint(
+            id=secrets.token_hex(32),
+            network_id=network.id,
+            sandbox=sandbox.name,
+            mac=mac,
+            aliases=list(dict.fromkeys(request.aliases)),
+            created=now(),
+        )
+        with ExitStack() as undo:
+            with self.store.transaction() as conn:
+                self._reserve_endpoint(conn, network, endpoint, ip, ip6)
+            undo.callback(self._forget_endpoint, endpoint.id)
+            faults.checkpoint("connect:after-address")
+            driver.create_endpoint(network, endpoint)
+            undo.callback(driver.delete_endpoint, network, endpoint)
+            faults.checkpoint("connect:after-veth")
+            endpoint.interface = driver.join(network, endpoint, sandbox)
+            faults.checkpoint("connect:after-join")
+            with self.store.transaction() as conn:
+                self.store.update_endpoint_interface(conn, endpoint.id, endpoint.interface)
+            faults.checkpoint("connect:before-store")
+            undo.pop_all()
+        log.info(
+            "network=%s sandbox=%s endpoint=%s connected as %s",
+            network.id[:12],
+            sandbox.name,
+            endpoint.id[:12],
+            endpoint.interface,
+        )
+        return endpoint
+
+    def _reserve_endpoint(
+        self,
+        conn: sqlite3.Connection,
+        network: Network,
+        endpoint: Endpoint,
+        ip: IPAddress | None,
+        ip6: IPAddress | None,
+    ) -> None:
+        """Inside one write transaction: the duplicate check, addresses, the endpoint row."""
+        if self.store.find_endpoint(network.id, endpoint.sandbox) is not None:
+            raise Conflict(
+                f"sandbox {endpoint.sandbox!r} is already connected to network {network.name!r}"
+            )
+        allocator = AddressAllocator(conn)
+        pools = {p.subnet.version: p for p in allocator.pools(network.id)}
+        if ip6 is not None and 6 not in pools:
+            raise InvalidArgument(
+                f"network {network.name!r} has no IPv6 subnet; --ip6 needs a network "
+                "created with --ipv6"
+            )
+        if 4 in pools:
+            address = allocator.request(pools[4], endpoint.id, ip)
+            endpoint.ipv4 = ipaddress.IPv4Interface(f"{address}/{pools[4].subnet.prefixlen}")
+        if 6 in pools:
+            address = allocator.request(pools[6], endpoint.id, ip6)
+            endpoint.ipv6 = ipaddress.IPv6Interface(f"{address}/{pools[6].subnet.prefixlen}")
+        self.store.insert_endpoint(conn, endpoint)
+
+    def _forget_endpoint(self, endpoint_id: str) -> None:
+        with self.store.transaction() as conn:
+            AddressAllocator(conn).release_owner(endpoint_id)
+            self.store.delete_endpoint(conn, endpoint_id)
+
+    def disconnect(self, network_name: str, sandbox_name: str) -> Endpoint:
+        network = self.network(network_name)
+        endpoint = self.store.find_endpoint(network.id, sandbox_name)
+        if endpoint is None:
+            raise NotFound(f"sandbox {sandbox_name!r} is not connected to network {network.name!r}")
+        self._disconnect(network, endpoint)
+        return endpoint
+
+    def _disconnect(self, network: Network, endpoint: Endpoint) -> None:
+        """Kernel objects first (idempotent), then the row and addresses."""
+        try:
+            self.driver(network.driver).delete_endpoint(network, endpoint)
+        finally:
+            self._forget_endpoint(endpoint.id)
+        log.info(
+            "network=%s sandbox=%s endpoint=%s disconnected",
+            network.id[:12],
+            endpoint.sandbox,
+            endpoint.id[:12],
+        )
+
+    # sandboxes ------------------------------------------------------------------------------
+    def create_sandbox(self, name: str) -> Sandbox:
+        validate_name(name, "sandbox")
+        if self.store.find_sandbox(name) is not None:
+            raise Conflict(f"sandbox {name!r} already exists; choose another name")
+        with ExitStack() as undo:
+            path = netns.create(name)
+            undo.callback(netns.remove, name)
+            sandbox = Sandbox(name=name, path=path, created=now())
+            try:
+                with self.store.transaction() as conn:
+                    self.store.insert_sandbox(conn, sandbox)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"sandbox {name!r} already exists; choose another name") from None
+            undo.pop_all()
+        return sandbox
+
+    def remove_sandbox(self, name: str) -> None:
+        """Disconnect every endpoint, delete the namespace, forget the sandbox."""
+        sandbox = self.sandbox(name)
+        errors: list[str] = []
+        for endpoint in self.store.endpoints(sandbox=sandbox.name):
+            try:
+                self._disconnect(self.network(endpoint.network_id), endpoint)
+            except NetstackError as exc:
+                errors.append(str(exc))
+        try:
+            netns.remove(sandbox.name)
+        except NetstackError as exc:
+            errors.append(str(exc))
+        with self.store.transaction() as conn:
+            self.store.delete_sandbox(conn, sandbox.name)
+        if errors:
+            raise KernelError(f"sandbox {name!r} removed with errors: {'; '.join(errors)}")

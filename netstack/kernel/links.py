@@ -1,0 +1,224 @@
+"""Links, addresses and routes through pyroute2, in this namespace or a named sandbox."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetlinkError
+
+from netstack.errors import Conflict
+from netstack.kernel.errors import netlink_errors
+from netstack.kernel.netns import path_of
+from netstack.model import IPAddress, IPInterface
+
+IFA_F_NODAD = 0x02
+
+
+@contextmanager
+def _ipr(namespace: str | None = None) -> Iterator[IPRoute]:
+    """A netlink socket in this namespace, or in the named one."""
+    with netlink_errors(f"opening netlink in {namespace or 'host namespace'}"):
+        ipr = IPRoute(netns=namespace) if namespace else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _add_addresses(ipr: IPRoute, index: int, addresses: Sequence[IPInterface]) -> None:
+    for iface in addresses:
+        ipr.addr(
+            "add",
+            index=index,
+            address=str(iface.ip),
+            prefixlen=iface.network.prefixlen,
+            flags=IFA_F_NODAD if iface.version == 6 else 0,
+        )
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What netstack needs to know about an existing link."""
+
+    name: str
+    index: int
+    kind: str
+    mac: str
+
+
+def list_links(namespace: str | None = None) -> list[LinkInfo]:
+    """Every link in this namespace (or the named one)."""
+    with _ipr(namespace) as ipr, netlink_errors("listing links"):
+        result = []
+        for msg in ipr.get_links():
+            info = msg.get("IFLA_LINKINFO")
+            kind = info.get("IFLA_INFO_KIND") if info is not None else None
+            result.append(
+                LinkInfo(
+                    name=str(msg.get("IFLA_IFNAME")),
+                    index=int(msg["index"]),
+                    kind=str(kind or ""),
+                    mac=str(msg.get("IFLA_ADDRESS") or ""),
+                )
+            )
+        return result
+
+
+def link_exists(name: str, namespace: str | None = None) -> bool:
+    with _ipr(namespace) as ipr:
+        return _index(ipr, name) is not None
+
+
+def bring_up_loopback(namespace: str) -> None:
+    with _ipr(namespace) as ipr, netlink_errors(f"bringing up lo in {namespace}"):
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+
+
+def create_bridge(name: str, mac: str, mtu: int, addresses: Sequence[IPInterface]) -> None:
+    """Create a bridge with a fixed MAC and gateway addresses, and bring it up.
+
+    Raises Conflict if a link of that name exists. Undo with `delete_link(name)`.
+    """
+    with _ipr() as ipr:
+        if _index(ipr, name) is not None:
+            raise Conflict(
+                f"interface {name!r} already exists on the host; choose another bridge.name"
+            )
+        with netlink_errors(f"creating bridge {name}"):
+            ipr.link("add", ifname=name, kind="bridge", address=mac, mtu=mtu)
+        with netlink_errors(f"configuring bridge {name}"):
+            index = _index(ipr, name)
+            assert index is not None
+            _add_addresses(ipr, index, addresses)
+            ipr.link("set", index=index, state="up")
+
+
+def delete_link(name: str, namespace: str | None = None) -> None:
+    """Delete a link (a veth takes its peer with it). Idempotent."""
+    with _ipr(namespace) as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            return
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                with netlink_errors(f"deleting link {name}"):
+                    raise
+
+
+def create_veth(
+    host_name: str, peer_name: str, master: str, mtu: int, peer_mac: str, isolated: bool
+) -> None:
+    """A veth pair whose host end is a port of `master` (up); the peer stays in this namespace.
+
+    `isolated` sets bridge port isolation: isolated ports reach the bridge (the gateway) but
+    not each other. Undo with `delete_link(host_name)`.
+    """
+    with _ipr() as ipr:
+        master_index = _index(ipr, master)
+        if master_index is None:
+            raise Conflict(f"bridge {master!r} is missing; recreate the network")
+        with netlink_errors(f"creating veth {host_name}"):
+            ipr.link(
+                "add",
+                ifname=host_name,
+                kind="veth",
+                mtu=mtu,
+                master=master_index,
+                peer={"ifname": peer_name, "address": peer_mac, "mtu": mtu},
+            )
+        with netlink_errors(f"configuring veth {host_name}"):
+            index = _index(ipr, host_name)
+            if isolated:
+                ipr.brport("set", index=index, isolated=1)
+            ipr.link("set", index=index, state="up")
+
+
+def set_master(name: str, master: str | None) -> None:
+    """Attach a link to a bridge (or detach it with None)."""
+    with _ipr() as ipr, netlink_errors(f"setting master of {name}"):
+        master_index = 0 if master is None else _index(ipr, master)
+        ipr.link("set", index=_index(ipr, name), master=master_index)
+
+
+_ETH = re.compile(r"eth(\d+)$")
+
+
+def next_eth_name(namespace: str) -> str:
+    """The lowest free ethN name in the sandbox."""
+    with _ipr(namespace) as ipr:
+        used = set()
+        for msg in ipr.get_links():
+            match = _ETH.match(str(msg.get("IFLA_IFNAME")))
+            if match:
+                used.add(int(match.group(1)))
+    n = 0
+    while n in used:
+        n += 1
+    return f"eth{n}"
+
+
+def move_to_sandbox(name: str, namespace: str, new_name: str) -> None:
+    """Move a link into the sandbox namespace and rename it, in one netlink message."""
+    with _ipr() as ipr, netlink_errors(f"moving {name} into {namespace} as {new_name}"):
+        ipr.link("set", index=_index(ipr, name), net_ns_fd=path_of(namespace), ifname=new_name)
+
+
+def configure_sandbox_interface(
+    namespace: str,
+    ifname: str,
+    addresses: Sequence[IPInterface],
+    gateways: Sequence[IPAddress],
+) -> None:
+    """Inside the sandbox: addresses on `ifname`, link up, and a default route per gateway.
+
+    A default route is only added for a family that has none yet (the first network wins).
+    """
+    with _ipr(namespace) as ipr, netlink_errors(f"configuring {ifname} in {namespace}"):
+        index = _index(ipr, ifname)
+        assert index is not None
+        _add_addresses(ipr, index, addresses)
+        ipr.link("set", index=index, state="up")
+        for gateway in gateways:
+            family = 2 if gateway.version == 4 else 10
+            dst_len_zero = [r for r in ipr.get_routes(family=family) if r["dst_len"] == 0]
+            has_default = any(r.get("RTA_DST") is None for r in dst_len_zero)
+            if not has_default:
+                ipr.route("add", dst="default", gateway=str(gateway), oif=index, family=family)
+
+
+def addresses_of(ifname: str, namespace: str | None = None) -> list[IPInterface]:
+    """Global addresses on a link (for checks and tests)."""
+    with _ipr(namespace) as ipr:
+        index = _index(ipr, ifname)
+        if index is None:
+            return []
+        result: list[IPInterface] = []
+        for msg in ipr.get_addr(index=index):
+            if msg["scope"] != 0:
+                continue
+            text = f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"
+            result.append(ipaddress.ip_interface(text))
+        return result
+
+
+def host_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Destinations of the IPv4 routes in this namespace (for default-pool selection)."""
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    with _ipr() as ipr, netlink_errors("listing routes"):
+        for route in ipr.get_routes(family=2, table=254):
+            dst = route.get("RTA_DST")
+            if dst and route["dst_len"] > 0:
+                nets.append(ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False))
+    return nets

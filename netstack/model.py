@@ -1,0 +1,76 @@
+"""The CNM model: networks, endpoints and sandboxes, as plain dataclasses."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One address pool of a network (one subnet, IPv4 or IPv6)."""
+
+    subnet: IPNetwork
+    gateway: IPAddress | None = None
+    ip_range: IPNetwork | None = None
+    aux_addresses: dict[str, IPAddress] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return self.subnet.version
+
+
+@dataclass
+class Network:
+    """A named L2/L3 domain built by one driver."""
+
+    id: str
+    name: str
+    driver: str
+    pools: list[PoolConfig]
+    options: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    internal: bool = False
+    enable_ipv6: bool = False
+    scope: str = "local"
+    created: str = ""
+
+    def pool(self, version: int) -> PoolConfig | None:
+        """The first pool of the given IP version, if any."""
+        return next((p for p in self.pools if p.version == version), None)
+
+
+@dataclass
+class Endpoint:
+    """One interface of one sandbox on one network."""
+
+    id: str
+    network_id: str
+    sandbox: str
+    interface: str = ""
+    mac: str = ""
+    ipv4: ipaddress.IPv4Interface | None = None
+    ipv6: ipaddress.IPv6Interface | None = None
+    aliases: list[str] = field(default_factory=list)
+    created: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.sandbox
+
+    def interfaces(self) -> list[IPInterface]:
+        """The endpoint's addresses with their prefix length, IPv4 first."""
+        return [a for a in (self.ipv4, self.ipv6) if a is not None]
+
+
+@dataclass
+class Sandbox:
+    """An isolated network stack: a named network namespace."""
+
+    name: str
+    path: str
+    created: str = ""

@@ -1,0 +1,301 @@
+"""SQLite state store: networks, endpoints, sandboxes (and IPAM's tables), WAL mode.
+
+Every change happens inside `Store.transaction()`, a ``BEGIN IMMEDIATE`` transaction, so
+concurrent netctl/CNI processes serialise their writes and never see half an operation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from netstack.errors import NetstackError
+from netstack.ipam.allocator import SCHEMA as IPAM_SCHEMA
+from netstack.model import Endpoint, Network, PoolConfig, Sandbox
+
+DEFAULT_STATE_DIR = "/var/lib/netstack"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS networks (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    driver      TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    internal    INTEGER NOT NULL,
+    enable_ipv6 INTEGER NOT NULL,
+    pools       TEXT NOT NULL,
+    options     TEXT NOT NULL,
+    labels      TEXT NOT NULL,
+    created     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name     TEXT PRIMARY KEY,
+    path     TEXT NOT NULL,
+    created  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    id          TEXT PRIMARY KEY,
+    network_id  TEXT NOT NULL REFERENCES networks(id),
+    sandbox     TEXT NOT NULL,
+    interface   TEXT NOT NULL,
+    mac         TEXT NOT NULL,
+    ipv4        TEXT,
+    ipv6        TEXT,
+    aliases     TEXT NOT NULL,
+    created     TEXT NOT NULL,
+    UNIQUE (network_id, sandbox)
+);
+CREATE INDEX IF NOT EXISTS endpoints_sandbox ON endpoints(sandbox);
+"""
+
+
+def state_dir() -> Path:
+    """The state directory: NETSTACK_STATE_DIR or /var/lib/netstack."""
+    return Path(os.environ.get("NETSTACK_STATE_DIR", DEFAULT_STATE_DIR))
+
+
+def now() -> str:
+    """Current UTC time in RFC 3339 form."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class StoreError(NetstackError):
+    """The state database cannot be opened or has an unknown schema."""
+
+
+def _pools_to_json(pools: list[PoolConfig]) -> str:
+    return json.dumps(
+        [
+            {
+                "subnet": str(p.subnet),
+                "gateway": None if p.gateway is None else str(p.gateway),
+                "ip_range": None if p.ip_range is None else str(p.ip_range),
+                "aux": {k: str(v) for k, v in p.aux_addresses.items()},
+            }
+            for p in pools
+        ]
+    )
+
+
+def _pools_from_json(text: str) -> list[PoolConfig]:
+    return [
+        PoolConfig(
+            subnet=ipaddress.ip_network(item["subnet"]),
+            gateway=None if item["gateway"] is None else ipaddress.ip_address(item["gateway"]),
+            ip_range=None if item["ip_range"] is None else ipaddress.ip_network(item["ip_range"]),
+            aux_addresses={k: ipaddress.ip_address(v) for k, v in item["aux"].items()},
+        )
+        for item in json.loads(text)
+    ]
+
+
+class Store:
+    """The state database. One instance per process; not shared between threads."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory or state_dir()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(
+                self.directory / "state.db", timeout=60, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot open state database in {self.directory}: {exc}; "
+                "check NETSTACK_STATE_DIR and permissions"
+            ) from None
+        self.conn.execute("PRAGMA busy_timeout=60000")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state database schema {version} is newer than this netstack "
+                f"({SCHEMA_VERSION}); upgrade netstack"
+            )
+        with self.transaction() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in (_SCHEMA + IPAM_SCHEMA).split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE): committed on success, rolled back on error."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # networks -------------------------------------------------------------------------------
+    def insert_network(self, conn: sqlite3.Connection, network: Network) -> None:
+        conn.execute(
+            "INSERT INTO networks(id, name, driver, scope, internal, enable_ipv6, pools, "
+            "options, labels, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                network.id,
+                network.name,
+                network.driver,
+                network.scope,
+                int(network.internal),
+                int(network.enable_ipv6),
+                _pools_to_json(network.pools),
+                json.dumps(network.options),
+                json.dumps(network.labels),
+                network.created,
+            ),
+        )
+
+    def delete_network(self, conn: sqlite3.Connection, network_id: str) -> None:
+        conn.execute("DELETE FROM networks WHERE id=?", (network_id,))
+
+    @staticmethod
+    def _network(row: sqlite3.Row | tuple[object, ...]) -> Network:
+        return Network(
+            id=str(row[0]),
+            name=str(row[1]),
+            driver=str(row[2]),
+            scope=str(row[3]),
+            internal=bool(row[4]),
+            enable_ipv6=bool(row[5]),
+            pools=_pools_from_json(str(row[6])),
+            options=json.loads(str(row[7])),
+            labels=json.loads(str(row[8])),
+            created=str(row[9]),
+        )
+
+    _NETWORK_COLUMNS = (
+        "id, name, driver, scope, internal, enable_ipv6, pools, options, labels, created"
+    )
+
+    def networks(self) -> list[Network]:
+        rows = self.conn.execute(
+            f"SELECT {self._NETWORK_COLUMNS} FROM networks ORDER BY created, name"
+        ).fetchall()
+        return [self._network(row) for row in rows]
+
+    def network_named(self, name: str) -> Network | None:
+        row = self.conn.execute(
+            f"SELECT {self._NETWORK_COLUMNS} FROM networks WHERE name=?", (name,)
+        ).fetchone()
+        return None if row is None else self._network(row)
+
+    def find_network(self, name_or_id: str) -> Network | None:
+        """A network by exact name, exact id, or unique id prefix."""
+        row = self.conn.execute(
+            f"SELECT {self._NETWORK_COLUMNS} FROM networks WHERE name=? OR id=?",
+            (name_or_id, name_or_id),
+        ).fetchone()
+        if row is None and len(name_or_id) >= 4:
+            rows = self.conn.execute(
+                f"SELECT {self._NETWORK_COLUMNS} FROM networks WHERE id LIKE ?",
+                (name_or_id + "%",),
+            ).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        return None if row is None else self._network(row)
+
+    # sandboxes ------------------------------------------------------------------------------
+    def insert_sandbox(self, conn: sqlite3.Connection, sandbox: Sandbox) -> None:
+        conn.execute(
+            "INSERT INTO sandboxes(name, path, created) VALUES (?,?,?)",
+            (sandbox.name, sandbox.path, sandbox.created),
+        )
+
+    def delete_sandbox(self, conn: sqlite3.Connection, name: str) -> None:
+        conn.execute("DELETE FROM sandboxes WHERE name=?", (name,))
+
+    def sandboxes(self) -> list[Sandbox]:
+        rows = self.conn.execute(
+            "SELECT name, path, created FROM sandboxes ORDER BY created, name"
+        ).fetchall()
+        return [Sandbox(*row) for row in rows]
+
+    def find_sandbox(self, name: str) -> Sandbox | None:
+        row = self.conn.execute(
+            "SELECT name, path, created FROM sandboxes WHERE name=?", (name,)
+        ).fetchone()
+        return None if row is None else Sandbox(*row)
+
+    # endpoints ------------------------------------------------------------------------------
+    _ENDPOINT_COLUMNS = "id, network_id, sandbox, interface, mac, ipv4, ipv6, aliases, created"
+
+    @staticmethod
+    def _endpoint(row: tuple[object, ...]) -> Endpoint:
+        return Endpoint(
+            id=str(row[0]),
+            network_id=str(row[1]),
+            sandbox=str(row[2]),
+            interface=str(row[3]),
+            mac=str(row[4]),
+            ipv4=None if row[5] is None else ipaddress.IPv4Interface(str(row[5])),
+            ipv6=None if row[6] is None else ipaddress.IPv6Interface(str(row[6])),
+            aliases=json.loads(str(row[7])),
+            created=str(row[8]),
+        )
+
+    def insert_endpoint(self, conn: sqlite3.Connection, endpoint: Endpoint) -> None:
+        """Insert an endpoint row; raises sqlite3.IntegrityError if the pair already exists."""
+        conn.execute(
+            f"INSERT INTO endpoints({self._ENDPOINT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                endpoint.id,
+                endpoint.network_id,
+                endpoint.sandbox,
+                endpoint.interface,
+                endpoint.mac,
+                None if endpoint.ipv4 is None else str(endpoint.ipv4),
+                None if endpoint.ipv6 is None else str(endpoint.ipv6),
+                json.dumps(endpoint.aliases),
+                endpoint.created,
+            ),
+        )
+
+    def update_endpoint_interface(
+        self, conn: sqlite3.Connection, endpoint_id: str, interface: str
+    ) -> None:
+        conn.execute("UPDATE endpoints SET interface=? WHERE id=?", (interface, endpoint_id))
+
+    def delete_endpoint(self, conn: sqlite3.Connection, endpoint_id: str) -> None:
+        conn.execute("DELETE FROM endpoints WHERE id=?", (endpoint_id,))
+
+    def endpoints(
+        self, network_id: str | None = None, sandbox: str | None = None
+    ) -> list[Endpoint]:
+        """Endpoints, optionally of one network and/or one sandbox, in connection order."""
+        clauses, args = [], []
+        if network_id is not None:
+            clauses.append("network_id=?")
+            args.append(network_id)
+        if sandbox is not None:
+            clauses.append("sandbox=?")
+            args.append(sandbox)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.conn.execute(
+            f"SELECT {self._ENDPOINT_COLUMNS} FROM endpoints{where} ORDER BY created, rowid",
+            args,
+        ).fetchall()
+        return [self._endpoint(row) for row in rows]
+
+    def find_endpoint(self, network_id: str, sandbox: str) -> Endpoint | None:
+        found = self.endpoints(network_id=network_id, sandbox=sandbox)
+        return found[0] if found else None
