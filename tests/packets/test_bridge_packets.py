@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from netns_scapy import (
@@ -25,6 +25,9 @@ from netns_scapy import (
 )
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
+
+if TYPE_CHECKING:
+    from conftest import Host
 
 pytestmark = pytest.mark.root
 
@@ -56,7 +59,7 @@ class Net:
     gateway6: str
 
 
-def create_network(host: Any, name: str, *args: str) -> Net:
+def create_network(host: Host, name: str, *args: str) -> Net:
     """`netctl network create *args NAME`, then read back bridge and gateways."""
     host.netctl("network", "create", *args, name)
     (info,) = host.netctl_json("network", "inspect", name)
@@ -67,7 +70,7 @@ def create_network(host: Any, name: str, *args: str) -> Net:
     return Net(name, bridge, host.link_mac(bridge).lower(), gateways[4], gateways[6])
 
 
-def attach(host: Any, net: Net, suffix: str) -> Attached:
+def attach(host: Host, net: Net, suffix: str) -> Attached:
     """Create sandbox <host>-<suffix>, connect it to net, return its endpoint facts."""
     sandbox = host.sandbox(suffix)
     host.netctl("network", "connect", net.name, sandbox)
@@ -85,19 +88,25 @@ def attach(host: Any, net: Net, suffix: str) -> Attached:
     return attached
 
 
-def wait_ready(host: Any, net: Net, attached: Attached, timeout: float = 5.0) -> None:
-    """Wait until every port of the bridge forwards and the sandbox's addresses are usable."""
+def bridge_ports(host: Host, bridge: str) -> list[dict[str, Any]]:
+    """The ports of a bridge in the host namespace, with their STP state."""
+    out = host.run("bridge", "-j", "link", "show").stdout
+    return [
+        port for port in (json.loads(out) if out.strip() else []) if port.get("master") == bridge
+    ]
+
+
+def wait_ready(host: Host, net: Net, attached: Attached, timeout: float = 5.0) -> None:
+    """Wait until the bridge's ports forward and the sandbox's global addresses left DAD."""
     deadline = time.monotonic() + timeout
     while True:
-        ports = [
-            p for p in host.ip_json_bridge_links() if p.get("master") == net.bridge
-        ]  # fmt: skip
+        ports = bridge_ports(host, net.bridge)
         addrs = host.sandbox_ip_json(attached.sandbox, "addr", "show", "dev", attached.iface)
         tentative = [
             a
             for link in addrs
             for a in link.get("addr_info", [])
-            if a.get("tentative") or a.get("dadfailed")
+            if a.get("scope") == "global" and (a.get("tentative") or a.get("dadfailed"))
         ]
         if ports and all(p.get("state") == "forwarding" for p in ports) and not tentative:
             return
@@ -106,13 +115,13 @@ def wait_ready(host: Any, net: Net, attached: Attached, timeout: float = 5.0) ->
         time.sleep(0.05)
 
 
-def sandbox_mac(host: Any, attached: Attached) -> str:
+def sandbox_mac(host: Host, attached: Attached) -> str:
     """The MAC the kernel reports for the sandbox interface."""
     out = host.in_sandbox(attached.sandbox, "ip", "-j", "link", "show", "dev", attached.iface)
     return str(json.loads(out.stdout)[0]["address"]).lower()
 
 
-def ping(host: Any, attached: Attached, target: str) -> bool:
+def ping(host: Host, attached: Attached, target: str) -> bool:
     """One ping (1 s deadline) from the sandbox; True if answered."""
     argv = ["ping", "-n", "-c1", "-W1"]
     if ":" in target:
@@ -120,21 +129,10 @@ def ping(host: Any, attached: Attached, target: str) -> bool:
     return host.in_sandbox(attached.sandbox, *argv, target, check=False).returncode == 0
 
 
-@pytest.fixture(autouse=True)
-def _bridge_links(host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give the host a `bridge -j link show` reader (bridge port states)."""
-
-    def ip_json_bridge_links() -> list[dict[str, Any]]:
-        out = host.run("bridge", "-j", "link", "show").stdout
-        return json.loads(out) if out.strip() else []
-
-    monkeypatch.setattr(host, "ip_json_bridge_links", ip_json_bridge_links, raising=False)
-
-
 # --------------------------------------------------------------------------- ARP / ICMP
 
 
-def test_arp_gateway_and_peer(host: Any) -> None:
+def test_arp_gateway_and_peer(host: Host) -> None:
     """ARP for the gateway answers with the bridge MAC; for a peer, with its inspect MAC."""
     net = create_network(host, "arpnet", "--subnet", "10.10.0.0/24")
     a = attach(host, net, "a")
@@ -160,7 +158,7 @@ def test_arp_gateway_and_peer(host: Any) -> None:
     assert reply.src.lower() == b.mac
 
 
-def test_icmp_echo_peer_and_gateway(host: Any) -> None:
+def test_icmp_echo_peer_and_gateway(host: Host) -> None:
     """A crafted echo request to a peer and to the gateway each get their reply."""
     net = create_network(host, "icmpnet", "--subnet", "10.11.0.0/24")
     a = attach(host, net, "a")
@@ -189,7 +187,7 @@ def test_icmp_echo_peer_and_gateway(host: Any) -> None:
 # --------------------------------------------------------------------------- isolation
 
 
-def test_networks_are_isolated(host: Any) -> None:
+def test_networks_are_isolated(host: Host) -> None:
     """A → B (two bridges on one host) is dropped by the host; A → A arrives by the same path."""
     net_a = create_network(host, "neta", "--subnet", "10.20.0.0/24")
     net_b = create_network(host, "netb", "--subnet", "10.21.0.0/24")
@@ -241,7 +239,7 @@ def test_networks_are_isolated(host: Any) -> None:
     assert not ping(host, b1, a1.ip4), "b1 on network B can ping a1 on network A"
 
 
-def test_icc_false_blocks_peers_not_gateway(host: Any) -> None:
+def test_icc_false_blocks_peers_not_gateway(host: Host) -> None:
     """With icc=false peers cannot reach each other, while the gateway still answers."""
     net = create_network(host, "noicc", "--subnet", "10.30.0.0/24", "--opt", "icc=false")
     s1 = attach(host, net, "s1")
@@ -272,7 +270,7 @@ def test_icc_false_blocks_peers_not_gateway(host: Any) -> None:
 # --------------------------------------------------------------------------- egress / NAT
 
 
-def test_internal_network_has_no_egress(host: Any) -> None:
+def test_internal_network_has_no_egress(host: Host) -> None:
     """From an --internal network nothing reaches the outside; from a normal one it does."""
     outside = host.outside()
     internal = create_network(host, "private", "--internal", "--subnet", "10.40.0.0/24")
@@ -307,7 +305,7 @@ def test_internal_network_has_no_egress(host: Any) -> None:
 
 
 @pytest.mark.parametrize("masquerade", [True, False], ids=["masquerade", "no-masquerade"])
-def test_masquerade_source_address(host: Any, masquerade: bool) -> None:
+def test_masquerade_source_address(host: Host, masquerade: bool) -> None:
     """Egress is masqueraded to the host's address (192.0.2.1) unless masquerade=false."""
     outside = host.outside()
     opts = [] if masquerade else ["--opt", "masquerade=false"]
@@ -335,7 +333,7 @@ def test_masquerade_source_address(host: Any, masquerade: bool) -> None:
     assert ping(host, s1, outside.addr4) is masquerade
 
 
-def test_masquerade_ipv6(host: Any) -> None:
+def test_masquerade_ipv6(host: Host) -> None:
     """IPv6 egress from a dual-stack network leaves with the host's address 2001:db8:99::1."""
     outside = host.outside()
     net = create_network(
