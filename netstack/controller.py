@@ -388,6 +388,13 @@ class Controller:
                 f"network {network.name!r} has no IPv6 subnet; --ip6 needs a network "
                 "created with --ipv6"
             )
+        for pool, wanted in ((pools.get(4), ip), (pools.get(6), ip6)):
+            holder = None if pool is None or wanted is None else allocator.owner_of(pool.id, wanted)
+            if holder is not None:
+                raise Conflict(
+                    f"address {wanted} is already in use by {self._describe_owner(holder)}; "
+                    "choose another address"
+                )
         if 4 in pools:
             address = allocator.request(pools[4], endpoint.id, ip)
             endpoint.ipv4 = ipaddress.IPv4Interface(f"{address}/{pools[4].subnet.prefixlen}")
@@ -395,6 +402,16 @@ class Controller:
             address = allocator.request(pools[6], endpoint.id, ip6)
             endpoint.ipv6 = ipaddress.IPv6Interface(f"{address}/{pools[6].subnet.prefixlen}")
         self.store.insert_endpoint(conn, endpoint)
+
+    def _describe_owner(self, owner: str) -> str:
+        if owner == "gateway":
+            return "the network's gateway"
+        if owner.startswith("aux:"):
+            return f"aux-address {owner[4:]!r}"
+        row = self.store.conn.execute(
+            "SELECT sandbox FROM endpoints WHERE id=?", (owner,)
+        ).fetchone()
+        return f"sandbox {row[0]!r}" if row else f"endpoint {owner[:12]}"
 
     def _forget_endpoint(self, endpoint_id: str) -> None:
         with self.store.transaction() as conn:

@@ -56,9 +56,8 @@ class Demo:
             shown=f"ip netns exec {sandbox} ping -c 1 {address}",
         )
         verdict = "reachable" if ok else "unreachable"
-        print(
-            f"--> {address} is {verdict} from {sandbox} (expected {'reachable' if expect else 'unreachable'})"
-        )
+        wanted = "reachable" if expect else "unreachable"
+        print(f"--> {address} is {verdict} from {sandbox} (expected {wanted})")
         if ok != expect:
             raise SystemExit("demo: unexpected reachability result")
 
