@@ -432,12 +432,25 @@ class Controller:
             self.driver(network.driver).delete_endpoint(network, endpoint)
         finally:
             self._forget_endpoint(endpoint.id)
+        self._repair_default_routes(endpoint.sandbox)
         log.info(
             "network=%s sandbox=%s endpoint=%s disconnected",
             network.id[:12],
             endpoint.sandbox,
             endpoint.id[:12],
         )
+
+    def _repair_default_routes(self, sandbox_name: str) -> None:
+        """After a disconnect, let the next network (in connection order) provide the default
+        route the removed one provided, as Docker does."""
+        if not netns.exists(sandbox_name):
+            return
+        for endpoint in self.store.endpoints(sandbox=sandbox_name):
+            network = self.store.find_network(endpoint.network_id)
+            if network is None or network.internal or not endpoint.interface:
+                continue
+            gateways = [p.gateway for p in network.pools if p.gateway is not None]
+            links.ensure_default_routes(sandbox_name, endpoint.interface, gateways)
 
     # sandboxes ------------------------------------------------------------------------------
     def create_sandbox(self, name: str) -> Sandbox:

@@ -190,12 +190,23 @@ def configure_sandbox_interface(
         assert index is not None
         _add_addresses(ipr, index, addresses)
         ipr.link("set", index=index, state="up")
-        for gateway in gateways:
-            family = 2 if gateway.version == 4 else 10
-            dst_len_zero = [r for r in ipr.get_routes(family=family) if r["dst_len"] == 0]
-            has_default = any(r.get("RTA_DST") is None for r in dst_len_zero)
-            if not has_default:
-                ipr.route("add", dst="default", gateway=str(gateway), oif=index, family=family)
+        _ensure_default_routes(ipr, index, gateways)
+
+
+def _ensure_default_routes(ipr: IPRoute, index: int, gateways: Sequence[IPAddress]) -> None:
+    for gateway in gateways:
+        family = 2 if gateway.version == 4 else 10
+        routes = ipr.get_routes(family=family, table=254)
+        if not any(r["dst_len"] == 0 for r in routes):
+            ipr.route("add", dst="default", gateway=str(gateway), oif=index, family=family)
+
+
+def ensure_default_routes(namespace: str, ifname: str, gateways: Sequence[IPAddress]) -> None:
+    """Inside the sandbox: a default route via each gateway whose family has none. Idempotent."""
+    with _ipr(namespace) as ipr, netlink_errors(f"routing via {ifname} in {namespace}"):
+        index = _index(ipr, ifname)
+        if index is not None:
+            _ensure_default_routes(ipr, index, gateways)
 
 
 def addresses_of(ifname: str, namespace: str | None = None) -> list[IPInterface]:
