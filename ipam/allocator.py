@@ -13,7 +13,7 @@ import ipaddress
 import sqlite3
 from dataclasses import dataclass
 
-from netstack.ipam.pools import PoolSpec
+from netstack.ipam.pools import PoolSpec, address_from_int
 
 from netstack.errors import Conflict, Exhausted, InvalidArgument
 from netstack.model import IPAddress, IPNetwork
@@ -174,8 +174,9 @@ class AddressAllocator:
             value = self._first_free(pool, pool.first, start - 1)
         if value is None:
             raise Exhausted(
-                f"no free address left in {pool.subnet} (range {ipaddress.ip_address(pool.first)}"
-                f"-{ipaddress.ip_address(pool.last)}); disconnect endpoints or use a larger subnet"
+                f"no free address left in {pool.subnet} (range "
+                f"{address_from_int(pool.first, version)}-{address_from_int(pool.last, version)}); "
+                "disconnect endpoints or use a larger subnet"
             )
         packed = _pack(value, version)
         self.conn.execute(
@@ -183,7 +184,7 @@ class AddressAllocator:
             (pool.id, packed, owner),
         )
         self.conn.execute("UPDATE ipam_pools SET cursor=? WHERE id=?", (packed, pool.id))
-        return ipaddress.ip_address(value)
+        return address_from_int(value, version)
 
     def _first_free(self, pool: Pool, low: int, high: int) -> int | None:
         """Lowest free address in [low, high]: walk the taken run that starts at `low`."""

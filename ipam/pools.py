@@ -46,6 +46,11 @@ class PoolSpec:
         return address.version == self.subnet.version and low <= value <= high
 
 
+def address_from_int(value: int, version: int) -> IPAddress:
+    """The address `value` of the given IP version (ip_address(int) guesses v4 for small ints)."""
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
 def parse_network(text: str, what: str) -> IPNetwork:
     """Parse a CIDR strictly (host bits must be zero); raise InvalidArgument naming `what`."""
     try:
@@ -78,7 +83,7 @@ def make_pool_spec(
         raise InvalidArgument(f"subnet {subnet} is too small: use a /126 or larger IPv6 subnet")
     probe = PoolSpec(subnet, subnet.network_address, ip_range, aux)
     if gateway is None:
-        gateway = ipaddress.ip_address(int(subnet.network_address) + 1)
+        gateway = address_from_int(int(subnet.network_address) + 1, subnet.version)
     elif gateway.version != subnet.version or not probe.usable(gateway):
         raise InvalidArgument(
             f"gateway {gateway} is not a usable address of subnet {subnet}; "
@@ -90,7 +95,13 @@ def make_pool_spec(
         raise InvalidArgument(
             f"ip-range {ip_range} is not inside subnet {subnet}; choose an --ip-range within it"
         )
+    seen: dict[IPAddress, str] = {}
     for name, address in aux.items():
+        if address in seen:
+            raise InvalidArgument(
+                f"aux-addresses {seen[address]} and {name} are both {address}; give each its own"
+            )
+        seen[address] = name
         if address.version != subnet.version or not probe.usable(address):
             raise InvalidArgument(
                 f"aux-address {name}={address} is not a usable address of subnet {subnet}"

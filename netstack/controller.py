@@ -34,7 +34,7 @@ _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 def validate_name(name: str, what: str) -> str:
     """Names: 1-64 characters, starting alphanumeric, then letters, digits, '_', '.', '-'."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
@@ -330,7 +330,7 @@ class Controller:
         mac = random_mac()
         if request.mac is not None:
             mac = request.mac.lower()
-            if not _MAC.match(mac) or int(mac[:2], 16) & 1:
+            if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
                 raise InvalidArgument(
                     f"invalid --mac {request.mac!r}: give a unicast MAC like 02:42:ac:11:00:02"
                 )

@@ -111,11 +111,18 @@ class Store:
                 f"cannot open state database in {self.directory}: {exc}; "
                 "check NETSTACK_STATE_DIR and permissions"
             ) from None
-        self.conn.execute("PRAGMA busy_timeout=60000")
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self.conn.execute("PRAGMA busy_timeout=60000")
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise StoreError(
+                f"state database {self.directory / 'state.db'} is unusable ({exc}); "
+                "restore it from a backup or move it away to start empty"
+            ) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -208,8 +215,8 @@ class Store:
         ).fetchone()
         if row is None and len(name_or_id) >= 4:
             rows = self.conn.execute(
-                f"SELECT {self._NETWORK_COLUMNS} FROM networks WHERE id LIKE ?",
-                (name_or_id + "%",),
+                f"SELECT {self._NETWORK_COLUMNS} FROM networks WHERE substr(id, 1, ?) = ?",
+                (len(name_or_id), name_or_id),
             ).fetchall()
             row = rows[0] if len(rows) == 1 else None
         return None if row is None else self._network(row)

@@ -31,7 +31,7 @@ def validate_ifname(name: str, what: str) -> str:
             f"{what} {name!r} is {len(name.encode())} bytes; interface names are at most "
             f"{IFNAMSIZ_MAX} bytes, choose a shorter one"
         )
-    if not _IFNAME.match(name) or name in (".", ".."):
+    if not _IFNAME.fullmatch(name) or name in (".", ".."):
         raise InvalidArgument(
             f"{what} {name!r} is not a valid interface name; use letters, digits, '_', '.', '-'"
         )
@@ -67,13 +67,12 @@ class BridgeOptions:
                     f"unknown bridge option {key!r}; known options: {', '.join(_KNOWN)}"
                 )
             values[name] = value
-        bridge_name = values.get("bridge.name") or f"{BRIDGE_PREFIX}{network_id[:11]}"
+        bridge_name = values.get("bridge.name", f"{BRIDGE_PREFIX}{network_id[:11]}")
         validate_ifname(bridge_name, "bridge.name")
         mtu_text = values.get("mtu", "1500")
-        try:
-            mtu = int(mtu_text)
-        except ValueError:
-            raise InvalidArgument(f"option mtu={mtu_text!r} is not a number") from None
+        if not re.fullmatch(r"-?[0-9]+", mtu_text):
+            raise InvalidArgument(f"option mtu={mtu_text!r} is not a number")
+        mtu = int(mtu_text)
         if not 68 <= mtu <= 65535:
             raise InvalidArgument(f"option mtu={mtu} is out of range; use 68..65535")
         return cls(

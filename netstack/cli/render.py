@@ -12,7 +12,9 @@ def network_document(network: Network, endpoints: Sequence[Endpoint]) -> dict[st
     """`network inspect --format json` for one network (Docker's field names)."""
     config = []
     for pool in network.pools:
-        item: dict[str, Any] = {"Subnet": str(pool.subnet), "Gateway": str(pool.gateway)}
+        item: dict[str, Any] = {"Subnet": str(pool.subnet)}
+        if pool.gateway is not None:
+            item["Gateway"] = str(pool.gateway)
         if pool.ip_range is not None:
             item["IPRange"] = str(pool.ip_range)
         if pool.aux_addresses:
