@@ -6,9 +6,12 @@ touches the machine's real interfaces, routes or firewall.
 
 Ownership: before a host namespace is created, its name is reserved by creating
 ``/run/nst-tests/<host>.owner`` exclusively; the file records the owning process
-(pid and start time). The sweep at session start removes ``nst-*`` namespaces whose
-owner file is missing or whose owner process is gone, so a killed run is cleaned up
-while namespaces of live runs (other xdist workers, other pytest runs) are left alone.
+(pid and start time). The sweep at session start removes the fixture's namespaces
+(``nst-<worker>-<n>`` and ``nst-<worker>-<n>-*``) whose owner process is gone or whose
+owner file is missing, so a killed run is cleaned up while namespaces of live runs
+(other xdist workers, other pytest runs at the same time) are left alone. Other
+``nst-*`` namespaces (made by other tools) are touched only if an owner file of ours
+names them and its owner is dead.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NETNS_DIR = Path("/run/netns")
 OWNER_DIR = Path("/run/nst-tests")
 PREFIX = "nst-"
-HOST_NAME_RE = re.compile(r"^(nst-[A-Za-z0-9]+-\d+)(?:-.*)?$")
+# Names the fixture makes: host nst-<worker>-<n>, children nst-<worker>-<n>-<suffix>.
+HOST_NAME_RE = re.compile(r"^(nst-(?:gw\d+|main)-\d+)(?:-.*)?$")
 ROOT_DIRS = ("integration", "packets", "e2e")
 
 _counter = itertools.count(1)
@@ -87,12 +91,22 @@ def _owner_token() -> str:
 
 
 def _owner_alive(host_name: str) -> bool:
-    """True if the owner file of host_name names a process that is still running."""
+    """False only if host_name's owner file is missing or names a process that is gone.
+
+    An owner file we cannot parse is not ours to judge: it counts as alive.
+    """
     try:
-        pid_text, start = (OWNER_DIR / f"{host_name}.owner").read_text().split()
-    except (OSError, ValueError):
+        text = (OWNER_DIR / f"{host_name}.owner").read_text()
+    except FileNotFoundError:
         return False
-    return _process_start_time(int(pid_text)) == start
+    except OSError:
+        return True
+    try:
+        pid_text, start = text.split()
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    return _process_start_time(pid) == start
 
 
 def _netns_pids(name: str) -> list[int]:
@@ -143,18 +157,17 @@ def sweep_stale_namespaces() -> list[str]:
     removed: list[str] = []
     stale_hosts: set[str] = set()
     for name in list_netns():
-        if not name.startswith(PREFIX):
-            continue
         match = HOST_NAME_RE.match(name)
-        host_name = match.group(1) if match else name
-        if not _owner_alive(host_name):
-            stale_hosts.add(host_name)
+        if match and not _owner_alive(match.group(1)):
+            stale_hosts.add(match.group(1))
     if OWNER_DIR.is_dir():
         for owner in OWNER_DIR.glob(f"{PREFIX}*.owner"):
             host_name = owner.name.removesuffix(".owner")
             if not _owner_alive(host_name):
                 stale_hosts.add(host_name)
     for host_name in sorted(stale_hosts):
+        if _owner_alive(host_name):  # reserved afresh since it was found stale
+            continue
         names = [n for n in list_netns() if n == host_name or n.startswith(f"{host_name}-")]
         _remove_host_namespaces(host_name, kill=False)
         removed.extend(names)
@@ -174,12 +187,16 @@ def _reserve_host_name() -> str:
         name = f"{PREFIX}{worker_id()}-{number}"
         if (NETNS_DIR / name).exists():
             continue
+        # Write the token to a private file, then hard-link it into place: the owner
+        # file appears atomically with its content, and the link fails if it exists.
+        scratch = OWNER_DIR / f".{name}.{os.getpid()}.tmp"
+        scratch.write_text(token)
         try:
-            fd = os.open(OWNER_DIR / f"{name}.owner", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(scratch, OWNER_DIR / f"{name}.owner")
         except FileExistsError:
             continue
-        with os.fdopen(fd, "w") as owner:
-            owner.write(token)
+        finally:
+            scratch.unlink()
         if (NETNS_DIR / name).exists():  # created by someone without a reservation
             (OWNER_DIR / f"{name}.owner").unlink()
             continue
@@ -188,6 +205,10 @@ def _reserve_host_name() -> str:
 
 
 def _netctl_argv() -> list[str]:
+    """The netctl installed with the interpreter running the tests (a venv's own first)."""
+    beside = Path(sys.executable).with_name("netctl")
+    if beside.exists():
+        return [str(beside)]
     found = shutil.which("netctl")
     return [found] if found else [sys.executable, "-m", "netstack.cli"]
 
@@ -209,8 +230,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Sweep namespaces left behind by a killed run (only those with a dead owner)."""
-    if os.geteuid() == 0:
+    """Sweep namespaces left behind by a killed run (only those with a dead owner).
+
+    Under xdist this runs in the controller, before any worker starts (xdist starts
+    them in its own trylast sessionstart hook), so workers never race the sweep.
+    """
+    if os.geteuid() == 0 and "PYTEST_XDIST_WORKER" not in os.environ:
         sweep_stale_namespaces()
 
 
@@ -396,7 +421,7 @@ class Host:
         self._wait_reachable(out.addr4, out.addr6)
         return out
 
-    def _wait_reachable(self, *addresses: str, timeout: float = 5.0) -> None:
+    def _wait_reachable(self, *addresses: str, timeout: float = 10.0) -> None:
         """Poll ping from the host namespace until every address answers."""
         deadline = time.monotonic() + timeout
         for addr in addresses:
@@ -427,13 +452,18 @@ def _create_host(state_root: Path) -> Host:
 
 
 def _destroy_host(host: Host) -> None:
-    """Kill processes in the host's namespaces, delete them, drop the reservation."""
+    """Kill processes in the host's namespaces, delete them, drop the reservation.
+
+    If a namespace survives, the owner file stays, so a later sweep removes it.
+    """
     try:
         _remove_host_namespaces(host.name, kill=True)
     finally:
         shutil.rmtree(host.run_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (OWNER_DIR / f"{host.name}.owner").unlink()
+        left = [n for n in list_netns() if n == host.name or n.startswith(f"{host.name}-")]
+        if not left:
+            with contextlib.suppress(FileNotFoundError):
+                (OWNER_DIR / f"{host.name}.owner").unlink()
 
 
 @pytest.fixture

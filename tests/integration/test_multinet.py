@@ -66,7 +66,7 @@ def kernel_addresses(host: Host, sandbox: str, iface: str) -> set[IPInterface]:
     }
 
 
-def pings(host: Host, sandbox: str, target: str, timeout: float = 5.0) -> bool:
+def pings(host: Host, sandbox: str, target: str, timeout: float = 10.0) -> bool:
     """Ping target from sandbox until it answers or timeout passes (bounded poll).
 
     Polling covers a fresh link's first moments (IPv6 DAD and neighbour discovery).

@@ -131,7 +131,7 @@ class PacketSocket:
                     continue
                 yield Frame(Ether(data), data, address[2] == PACKET_OUTGOING)
 
-    def wait_for(self, match: Match, timeout: float = 2.0) -> Packet | None:
+    def wait_for(self, match: Match, timeout: float = 3.0) -> Packet | None:
         """The first incoming frame satisfying match within timeout, else None."""
         for frame in self.frames(timeout):
             if not frame.outgoing and match(frame.packet):
@@ -165,7 +165,7 @@ def send_and_sniff(
 
 
 def send_and_receive(
-    netns: str, iface: str, packet: Packet, match: Match, timeout: float = 2.0
+    netns: str, iface: str, packet: Packet, match: Match, timeout: float = 3.0
 ) -> Packet | None:
     """Send packet from (netns, iface) and return the first incoming frame matching."""
     with PacketSocket(netns, iface) as sock:
