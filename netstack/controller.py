@@ -450,7 +450,10 @@ class Controller:
             if network is None or network.internal or not endpoint.interface:
                 continue
             gateways = [p.gateway for p in network.pools if p.gateway is not None]
-            links.ensure_default_routes(sandbox_name, endpoint.interface, gateways)
+            try:
+                links.ensure_default_routes(sandbox_name, endpoint.interface, gateways)
+            except NetstackError as exc:  # best effort: a concurrent disconnect may race us
+                log.warning("sandbox=%s default route not repaired: %s", sandbox_name, exc)
 
     # sandboxes ------------------------------------------------------------------------------
     def create_sandbox(self, name: str) -> Sandbox:

@@ -123,10 +123,12 @@ class BridgeDriver:
     def join(self, network: Network, endpoint: Endpoint, sandbox: Sandbox) -> str:
         """Move the peer into the sandbox as the lowest free ethN, address it, route it."""
         gateways = [] if network.internal else [p.gateway for p in network.pools if p.gateway]
-        for _attempt in range(5):
+        peer = peer_veth_name(endpoint.id)
+        links.move_to_sandbox(peer, sandbox.name)
+        for _attempt in range(16):
             ifname = links.next_eth_name(sandbox.name)
             try:
-                links.move_to_sandbox(peer_veth_name(endpoint.id), sandbox.name, ifname)
+                links.rename_in_sandbox(sandbox.name, peer, ifname)
                 break
             except Conflict:  # a concurrent connect took that name: pick the next one
                 continue

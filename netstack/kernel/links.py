@@ -169,10 +169,20 @@ def next_eth_name(namespace: str) -> str:
     return f"eth{n}"
 
 
-def move_to_sandbox(name: str, namespace: str, new_name: str) -> None:
-    """Move a link into the sandbox namespace and rename it, in one netlink message."""
-    with _ipr() as ipr, netlink_errors(f"moving {name} into {namespace} as {new_name}"):
-        ipr.link("set", index=_index(ipr, name), net_ns_fd=path_of(namespace), ifname=new_name)
+def move_to_sandbox(name: str, namespace: str) -> None:
+    """Move a link into the sandbox namespace, keeping its (unique) name.
+
+    Moving and renaming in one message is not safe: when the new name is taken, this kernel
+    still moves the link (under its old name) and then reports EEXIST.
+    """
+    with _ipr() as ipr, netlink_errors(f"moving {name} into {namespace}"):
+        ipr.link("set", index=_index(ipr, name), net_ns_fd=path_of(namespace))
+
+
+def rename_in_sandbox(namespace: str, name: str, new_name: str) -> None:
+    """Rename a (down) link inside the sandbox; raises Conflict if `new_name` is taken."""
+    with _ipr(namespace) as ipr, netlink_errors(f"renaming {name} to {new_name} in {namespace}"):
+        ipr.link("set", index=_index(ipr, name), ifname=new_name)
 
 
 def configure_sandbox_interface(
@@ -197,8 +207,13 @@ def _ensure_default_routes(ipr: IPRoute, index: int, gateways: Sequence[IPAddres
     for gateway in gateways:
         family = 2 if gateway.version == 4 else 10
         routes = ipr.get_routes(family=family, table=254)
-        if not any(r["dst_len"] == 0 for r in routes):
+        if any(r["dst_len"] == 0 for r in routes):
+            continue
+        try:
             ipr.route("add", dst="default", gateway=str(gateway), oif=index, family=family)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:  # EEXIST: a concurrent connect added one first
+                raise
 
 
 def ensure_default_routes(namespace: str, ifname: str, gateways: Sequence[IPAddress]) -> None:

@@ -1,0 +1,269 @@
+"""Integration: every fault point of `network create` and `network connect` rolls back fully.
+
+Each test arms one fault point (NETSTACK_FAULT), runs the command, and checks that the
+command failed with one line on stderr and that nothing is left behind: no link or address
+in the host namespace, no interface in the sandbox, no nftables set element, no store row.
+Then the same command without the fault succeeds, which proves nothing stale blocks it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Host
+
+pytestmark = pytest.mark.root
+
+STORE_TABLES = {
+    "networks": "id, name, driver, options, pools",
+    "endpoints": "id, network_id, sandbox, interface, mac, ipv4, ipv6",
+    "sandboxes": "name, path",
+    # The allocation cursor may legitimately move; the pool rows themselves may not.
+    "ipam_pools": "id, network_id, subnet, version, first, last",
+    "ipam_addresses": "pool_id, address, owner",
+}
+NETSTACK_LINK_PREFIXES = ("nsbr", "nsv", "nsp")
+
+CREATE_FAULTS = [
+    "network-create:after-bridge",
+    "network-create:after-firewall",
+    "network-create:before-store",
+]
+CONNECT_FAULTS = [
+    "connect:after-address",
+    "connect:after-veth",
+    "connect:after-join",
+    "connect:before-store",
+]
+
+
+# --------------------------------------------------------------------------- state snapshots
+
+
+def store_rows(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of netstack's tables (sorted), or {} if the database does not exist yet."""
+    path = state_dir / "state.db"
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        return {
+            table: sorted(conn.execute(f"SELECT {columns} FROM {table}").fetchall())
+            for table, columns in STORE_TABLES.items()
+        }
+    finally:
+        conn.close()
+
+
+def store_counts(state_dir: Path) -> dict[str, int]:
+    return {table: len(rows) for table, rows in store_rows(state_dir).items()}
+
+
+def global_addresses(ip_addr_json: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """{ifname: sorted global addresses} from `ip -j addr` (link-local is the kernel's)."""
+    return {
+        link["ifname"]: sorted(
+            f"{a['local']}/{a['prefixlen']}"
+            for a in link.get("addr_info", [])
+            if a.get("scope") == "global"
+        )
+        for link in ip_addr_json
+    }
+
+
+def routes(ip_route_json: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(dst, dev, gateway) of each route; IPv6 link-local and multicast are the kernel's."""
+    return sorted(
+        (r.get("dst", ""), r.get("dev", ""), r.get("gateway", ""))
+        for r in ip_route_json
+        if not r.get("dst", "").startswith(("fe80:", "ff00:"))
+    )
+
+
+def nft_elements(host: Host) -> dict[str, list[str]]:
+    """Elements of every set and map; empty ones dropped (the first create adds the table)."""
+    elements: dict[str, list[str]] = {}
+    for item in host.nft_ruleset().get("nftables", []):
+        for kind in ("set", "map"):
+            if kind in item:
+                obj = item[kind]
+                elems = sorted(json.dumps(e, sort_keys=True) for e in obj.get("elem", []))
+                if elems:
+                    elements[f"{obj['family']} {obj['table']} {obj['name']}"] = elems
+    return elements
+
+
+def nft_rule_counts(host: Host) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in host.nft_ruleset().get("nftables", []):
+        if "rule" in item:
+            rule = item["rule"]
+            key = f"{rule['family']} {rule['table']} {rule['chain']}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def kernel_state(host: Host, sandboxes: list[str]) -> dict[str, Any]:
+    """Links, global addresses and routes of the host and of each sandbox; nft state."""
+    state: dict[str, Any] = {
+        "host links": sorted(host.links()),
+        "host addresses": global_addresses(host.ip_json("addr", "show")),
+        "host routes": routes(host.ip_json("-4", "route", "show"))
+        + routes(host.ip_json("-6", "route", "show")),
+        "nft elements": nft_elements(host),
+    }
+    for sandbox in sandboxes:
+        state[f"{sandbox} addresses"] = global_addresses(
+            host.sandbox_ip_json(sandbox, "addr", "show")
+        )
+        state[f"{sandbox} routes"] = routes(
+            host.sandbox_ip_json(sandbox, "-4", "route", "show")
+        ) + routes(host.sandbox_ip_json(sandbox, "-6", "route", "show"))
+    return state
+
+
+def assert_one_line_error(proc: Any, needle: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, f"rc={proc.returncode}\nstderr:\n{proc.stderr}"
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert lines[0].startswith("netctl: error: "), lines[0]
+    assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
+    for key in before.keys() | after.keys():
+        assert after.get(key) == before.get(key), (
+            f"{key} changed:\nbefore: {before.get(key)}\nafter:  {after.get(key)}"
+        )
+
+
+def assert_rules_not_grown(before: dict[str, int], after: dict[str, int]) -> None:
+    """Chains that existed keep their rule count (new chains: the table was created)."""
+    assert {chain: after.get(chain) for chain in before} == before, (before, after)
+
+
+def leftovers(links: list[str], before: list[str]) -> list[str]:
+    return [n for n in set(links) - set(before) if n.startswith(NETSTACK_LINK_PREFIXES)]
+
+
+def network_inspect(host: Host, name: str) -> dict[str, Any]:
+    (info,) = host.netctl_json("network", "inspect", name)
+    return dict(info)
+
+
+# --------------------------------------------------------------------------- tests
+
+CREATE_SETUPS = ["first-ever", "with-existing", "dual-stack"]
+
+
+@pytest.mark.parametrize("setup", CREATE_SETUPS)
+@pytest.mark.parametrize("point", CREATE_FAULTS)
+def test_network_create_fault_rolls_back(host: Host, point: str, setup: str) -> None:
+    """A fault at any step of `network create` leaves no bridge, element, pool or row."""
+    sandboxes: list[str] = []
+    if setup != "first-ever":
+        # An existing network with an endpoint: its elements and rows must survive the undo.
+        host.netctl("network", "create", "--subnet", "10.70.0.0/24", "keep")
+        sandboxes.append(host.sandbox("keep"))
+        host.netctl("network", "connect", "keep", sandboxes[0])
+    command = [
+        "network", "create", "--subnet", "10.71.0.0/24", "--gateway", "10.71.0.254",
+        "-o", "bridge.name=nsbrfault", "faulty",
+    ]  # fmt: skip
+    bridge_addresses = ["10.71.0.254/24"]
+    if setup == "dual-stack":
+        command[2:2] = ["--ipv6", "--subnet", "fd00:71::/64"]
+        bridge_addresses.append("fd00:71::1/64")
+    kernel_before = kernel_state(host, sandboxes)
+    rules_before = nft_rule_counts(host)
+    store_before = store_rows(host.state_dir)
+
+    failed = host.netctl(*command, env={"NETSTACK_FAULT": point}, check=False)
+
+    assert_one_line_error(failed, point)
+    kernel_after = kernel_state(host, sandboxes)
+    assert not leftovers(kernel_after["host links"], kernel_before["host links"])
+    assert "nsbrfault" not in kernel_after["host links"]
+    assert_unchanged(kernel_before, kernel_after)
+    assert_rules_not_grown(rules_before, nft_rule_counts(host))
+    rows_after = store_rows(host.state_dir)
+    if store_before:
+        assert rows_after == store_before
+    else:  # the database was created by the failed command: it must be empty
+        assert all(not rows for rows in rows_after.values()), rows_after
+    names = [n["Name"] for n in host.netctl_json("network", "ls")]
+    assert "faulty" not in names
+
+    # Same name, subnets, gateway and bridge name: nothing stale blocks them.
+    host.netctl(*command)
+    info = network_inspect(host, "faulty")
+    assert info["Options"]["bridge.name"] == "nsbrfault"
+    subnets = {config["Subnet"] for config in info["IPAM"]["Config"]}
+    assert subnets == {str(ipaddress.ip_interface(a).network) for a in bridge_addresses}
+    assert "nsbrfault" in host.links()
+    bridge_addrs = global_addresses(host.ip_json("addr", "show", "dev", "nsbrfault"))
+    assert bridge_addrs == {"nsbrfault": sorted(bridge_addresses)}
+    elements = nft_elements(host)
+    assert any("nsbrfault" in e for e in elements.get("inet netstack bridges", [])), elements
+
+
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4", "dual-stack"])
+@pytest.mark.parametrize("point", CONNECT_FAULTS)
+def test_connect_fault_rolls_back(host: Host, point: str, dual_stack: bool) -> None:
+    """A fault at any step of `network connect` leaves no veth, address, element or row."""
+    v6 = ("--ipv6", "--subnet", "fd00:73::/64") if dual_stack else ()
+    host.netctl("network", "create", "--subnet", "10.72.0.0/24", "first")
+    host.netctl("network", "create", "--subnet", "10.73.0.0/24", *v6, "second")
+    target = host.sandbox("target")
+    other = host.sandbox("other")
+    # Earlier successful connects: target already has eth0, "second" already has a port.
+    host.netctl("network", "connect", "first", target)
+    host.netctl("network", "connect", "second", other)
+    bridge = network_inspect(host, "second")["Options"]["bridge.name"]
+    sandboxes = [target, other]
+    kernel_before = kernel_state(host, sandboxes)
+    rules_before = nft_rule_counts(host)
+    store_before = store_rows(host.state_dir)
+    target_links_before = [link["ifname"] for link in host.sandbox_ip_json(target, "link")]
+    assert sorted(target_links_before) == ["eth0", "lo"]
+    command = ["network", "connect", "--ip", "10.73.0.50", "second", target]
+    expected = ["10.73.0.50/24"]
+    if dual_stack:
+        command[2:2] = ["--ip6", "fd00:73::50"]
+        expected.append("fd00:73::50/64")
+
+    failed = host.netctl(*command, env={"NETSTACK_FAULT": point}, check=False)
+
+    assert_one_line_error(failed, point)
+    kernel_after = kernel_state(host, sandboxes)
+    assert not leftovers(kernel_after["host links"], kernel_before["host links"])
+    target_links = [link["ifname"] for link in host.sandbox_ip_json(target, "link")]
+    assert sorted(target_links) == ["eth0", "lo"], target_links
+    assert_unchanged(kernel_before, kernel_after)
+    assert_rules_not_grown(rules_before, nft_rule_counts(host))
+    assert store_rows(host.state_dir) == store_before
+    assert [e["Sandbox"] for e in network_inspect(host, "second")["Endpoints"]] == [other]
+
+    # The same command, same --ip (and --ip6), now succeeds: the addresses were released.
+    host.netctl(*command)
+    (endpoint,) = [
+        e for e in network_inspect(host, "second")["Endpoints"] if e["Sandbox"] == target
+    ]
+    assert endpoint["IPv4Address"] == expected[0]
+    assert endpoint["IPv6Address"] == (expected[1] if dual_stack else "")
+    assert endpoint["Interface"] == "eth1"
+    addresses = global_addresses(host.sandbox_ip_json(target, "addr", "show", "dev", "eth1"))
+    assert addresses == {"eth1": sorted(expected)}
+    ports = [link["ifname"] for link in host.ip_json("link", "show", "master", bridge)]
+    assert len(ports) == 2 and all(p.startswith("nsv") for p in ports), ports
+    counts = store_counts(host.state_dir)
+    assert counts["endpoints"] == 3
+    # Gateways (2, or 3 with IPv6) + 3 endpoint addresses (+ 2 IPv6 on "second").
+    assert counts["ipam_addresses"] == (8 if dual_stack else 5)
