@@ -13,7 +13,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 from netstack.errors import Conflict
 from netstack.kernel.errors import netlink_errors
-from netstack.kernel.netns import path_of
+from netstack.kernel.netns import netlink_socket, path_of
 from netstack.model import IPAddress, IPInterface
 
 IFA_F_NODAD = 0x02
@@ -23,7 +23,7 @@ IFA_F_NODAD = 0x02
 def _ipr(namespace: str | None = None) -> Iterator[IPRoute]:
     """A netlink socket in this namespace, or in the named one."""
     with netlink_errors(f"opening netlink in {namespace or 'host namespace'}"):
-        ipr = IPRoute(netns=namespace) if namespace else IPRoute()
+        ipr = IPRoute(use_socket=netlink_socket(namespace)) if namespace else IPRoute()
     try:
         yield ipr
     finally:
