@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from netstack import faults
 from netstack.drivers.api import NetworkDriver
@@ -94,14 +95,33 @@ class _PoolRequest:
     aux: dict[str, IPAddress] = field(default_factory=dict)
 
 
-def _containing(address_or_net: IPAddress | IPNetwork, subnets: list[IPNetwork]) -> IPNetwork:
+def _containing(value: IPAddress | IPNetwork, subnets: list[IPNetwork], label: str) -> IPNetwork:
+    """The --subnet that contains `value`; InvalidArgument naming `label` if none does."""
     for subnet in subnets:
-        if isinstance(address_or_net, ipaddress.IPv4Network | ipaddress.IPv6Network):
-            if address_or_net.version == subnet.version and address_or_net.subnet_of(subnet):  # type: ignore[arg-type]
+        if value.version != subnet.version:
+            continue
+        if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            if value.subnet_of(subnet):  # type: ignore[arg-type]
                 return subnet
-        elif address_or_net in subnet:
+        elif value in subnet:
             return subnet
-    raise KeyError(address_or_net)
+    given = ", ".join(map(str, subnets)) or "none given"
+    raise InvalidArgument(
+        f"{label} is outside every --subnet ({given}); choose one inside a subnet"
+    )
+
+
+def _one_per_subnet(
+    values: list[IPAddress] | list[IPNetwork], subnets: list[IPNetwork], what: str
+) -> dict[IPNetwork, Any]:
+    """Map each value to its subnet; at most one value per subnet."""
+    result: dict[IPNetwork, Any] = {}
+    for value in values:
+        subnet = _containing(value, subnets, f"{what} {value}")
+        if subnet in result:
+            raise InvalidArgument(f"more than one --{what} for subnet {subnet}")
+        result[subnet] = value
+    return result
 
 
 def pool_requests(request: NetworkRequest) -> list[_PoolRequest]:
@@ -110,42 +130,16 @@ def pool_requests(request: NetworkRequest) -> list[_PoolRequest]:
     for version in (4, 6):
         if sum(1 for s in subnets if s.version == version) > 1:
             raise InvalidArgument(f"only one IPv{version} --subnet per network is supported")
-    gateways: dict[IPNetwork, IPAddress] = {}
-    for text in request.gateways:
-        gateway = parse_address(text, "gateway")
-        try:
-            subnet = _containing(gateway, subnets)
-        except KeyError:
-            raise InvalidArgument(
-                f"gateway {gateway} is outside every --subnet "
-                f"({', '.join(map(str, subnets)) or 'none given'}); choose a gateway inside one"
-            ) from None
-        if subnet in gateways:
-            raise InvalidArgument(f"more than one --gateway for subnet {subnet}")
-        gateways[subnet] = gateway
-    ranges: dict[IPNetwork, IPNetwork] = {}
-    for text in request.ip_ranges:
-        ip_range = parse_network(text, "ip-range")
-        try:
-            subnet = _containing(ip_range, subnets)
-        except KeyError:
-            raise InvalidArgument(
-                f"ip-range {ip_range} is outside every --subnet "
-                f"({', '.join(map(str, subnets)) or 'none given'}); choose a range inside one"
-            ) from None
-        if subnet in ranges:
-            raise InvalidArgument(f"more than one --ip-range for subnet {subnet}")
-        ranges[subnet] = ip_range
+    gateways = _one_per_subnet(
+        [parse_address(text, "gateway") for text in request.gateways], subnets, "gateway"
+    )
+    ranges = _one_per_subnet(
+        [parse_network(text, "ip-range") for text in request.ip_ranges], subnets, "ip-range"
+    )
     aux: dict[IPNetwork, dict[str, IPAddress]] = {s: {} for s in subnets}
     for name, text in parse_key_values(request.aux_addresses, "aux-address").items():
         address = parse_address(text, f"aux-address {name}")
-        try:
-            aux[_containing(address, subnets)][name] = address
-        except KeyError:
-            raise InvalidArgument(
-                f"aux-address {name}={address} is outside every --subnet; "
-                "choose an address inside one"
-            ) from None
+        aux[_containing(address, subnets, f"aux-address {name}={address}")][name] = address
     return [_PoolRequest(s, gateways.get(s), ranges.get(s), aux[s]) for s in subnets]
 
 
