@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every netstack benchmark: `run_all.sh` (full, several minutes) or `run_all.sh --quick`
+# (smoke mode, well under a minute, what CI may run). Exit status: the first failure's.
+# Needs root: connect_scaling works inside throwaway network namespaces nst-bench-<pid>*.
+set -u -o pipefail
+case "${1:-}" in
+  "" | --quick) ;;
+  *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py=${PYTHON:-python3}
+rc=0
+for bench in ipam_fill connect_scaling; do
+  echo "=== $bench ${1:-}"
+  "$py" "$here/$bench.py" ${1:+"$1"} || { r=$?; echo "=== $bench FAILED (rc=$r)"; [ "$rc" = 0 ] && rc=$r; }
+  echo
+done
+exit "$rc"
