@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from netstack.cli.render import network_document, sandbox_document, table
 from netstack.controller import ConnectRequest, Controller, NetworkRequest, parse_key_values
 from netstack.drivers.bridge import BridgeDriver
-from netstack.errors import InvalidArgument
+from netstack.errors import InvalidArgument, NetstackError
 from netstack.kernel import netns
 from netstack.store import Store
 
@@ -74,12 +76,23 @@ def network_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_each(names: list[str], remove: Callable[[str], object]) -> int:
+    """Remove every named object, as `docker ... rm a b` does: report each failure, go on."""
+    failed = 0
+    for name in names:
+        try:
+            remove(name)
+        except NetstackError as exc:
+            print(f"netctl: error: {exc}", file=sys.stderr)
+            failed += 1
+        else:
+            print(name)
+    return 1 if failed else 0
+
+
 def network_rm(args: argparse.Namespace) -> int:
     controller = build_controller()
-    for name in args.names:
-        controller.remove_network(name, force=args.force)
-        print(name)
-    return 0
+    return _remove_each(args.names, lambda name: controller.remove_network(name, args.force))
 
 
 def network_connect(args: argparse.Namespace) -> int:
@@ -142,10 +155,7 @@ def sandbox_inspect(args: argparse.Namespace) -> int:
 
 def sandbox_rm(args: argparse.Namespace) -> int:
     controller = build_controller()
-    for name in args.names:
-        controller.remove_sandbox(name)
-        print(name)
-    return 0
+    return _remove_each(args.names, controller.remove_sandbox)
 
 
 def sandbox_exec(args: argparse.Namespace) -> int:
