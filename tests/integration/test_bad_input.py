@@ -10,117 +10,24 @@ routes, nftables elements and the sandboxes' interfaces exactly as they were.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from snapshot import (
+    assert_error,
+    assert_unchanged,
+    global_addresses,
+    netstack_links,
+    nft_elements,
+    snapshot,
+    store_counts,
+)
 
 if TYPE_CHECKING:
     from conftest import Host
 
 pytestmark = pytest.mark.root
-
-STORE_TABLES = {
-    "networks": "id, name, driver, options, pools",
-    "endpoints": "id, network_id, sandbox, interface, mac, ipv4, ipv6",
-    "sandboxes": "name, path",
-    # The allocation cursor may legitimately move; the pool rows themselves may not.
-    "ipam_pools": "id, network_id, subnet, version, first, last",
-    "ipam_addresses": "pool_id, address, owner",
-}
-NETSTACK_LINK_PREFIXES = ("nsbr", "nsv", "nsp")
-
-
-# --------------------------------------------------------------------------- state snapshots
-
-
-def store_rows(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of netstack's tables (sorted), or {} if the database does not exist yet."""
-    path = state_dir / "state.db"
-    if not path.exists():
-        return {}
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        return {
-            table: sorted(conn.execute(f"SELECT {columns} FROM {table}").fetchall())
-            for table, columns in STORE_TABLES.items()
-        }
-    finally:
-        conn.close()
-
-
-def store_counts(state_dir: Path) -> dict[str, int]:
-    return {table: len(rows) for table, rows in store_rows(state_dir).items()}
-
-
-def global_addresses(ip_addr_json: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """{ifname: sorted global addresses} from `ip -j addr` (link-local is the kernel's)."""
-    return {
-        link["ifname"]: sorted(
-            f"{a['local']}/{a['prefixlen']}"
-            for a in link.get("addr_info", [])
-            if a.get("scope") == "global"
-        )
-        for link in ip_addr_json
-    }
-
-
-def v4_routes(ip_route_json: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    return sorted((r.get("dst", ""), r.get("dev", ""), r.get("gateway", "")) for r in ip_route_json)
-
-
-def nft_elements(host: Host) -> dict[str, list[str]]:
-    """Elements of every set and map (empty ones dropped)."""
-    elements: dict[str, list[str]] = {}
-    for item in host.nft_ruleset().get("nftables", []):
-        for kind in ("set", "map"):
-            if kind in item:
-                obj = item[kind]
-                elems = sorted(json.dumps(e, sort_keys=True) for e in obj.get("elem", []))
-                if elems:
-                    elements[f"{obj['family']} {obj['table']} {obj['name']}"] = elems
-    return elements
-
-
-def snapshot(host: Host, sandboxes: list[str]) -> dict[str, Any]:
-    """Store rows; host links, addresses, routes; nft elements; each sandbox's interfaces."""
-    state: dict[str, Any] = {
-        "store": store_rows(host.state_dir),
-        "host links": sorted(host.links()),
-        "host addresses": global_addresses(host.ip_json("addr", "show")),
-        "host routes": v4_routes(host.ip_json("-4", "route", "show")),
-        "nft elements": nft_elements(host),
-        "namespaces": sorted(
-            n for n in host.run("ip", "netns", "list").stdout.split() if n.startswith(host.name)
-        ),
-    }
-    for sandbox in sandboxes:
-        state[f"{sandbox} addresses"] = global_addresses(
-            host.sandbox_ip_json(sandbox, "addr", "show")
-        )
-        state[f"{sandbox} routes"] = v4_routes(host.sandbox_ip_json(sandbox, "-4", "route", "show"))
-    return state
-
-
-def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
-    for key in before.keys() | after.keys():
-        assert after.get(key) == before.get(key), (
-            f"{key} changed:\nbefore: {before.get(key)}\nafter:  {after.get(key)}"
-        )
-
-
-def assert_error(proc: Any, rc: int, needle: str) -> None:
-    """Exit status `rc`, exactly one stderr line starting `netctl: error:` containing needle."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == rc, (
-        f"expected rc={rc}, got rc={proc.returncode}\nstdout:\n{proc.stdout}\n"
-        f"stderr:\n{proc.stderr}"
-    )
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
-    assert lines[0].startswith("netctl: error: "), lines[0]
-    assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def network_inspect(host: Host, name: str) -> dict[str, Any]:
@@ -385,7 +292,7 @@ def test_rm_force_removes_everything(host: Host) -> None:
     host.netctl("network", "rm", "-f", "stays")
     after = snapshot(host, [])
     assert after["nft elements"] == empty["nft elements"]
-    assert not [n for n in after["host links"] if n.startswith(NETSTACK_LINK_PREFIXES)]
+    assert not netstack_links(after["host links"])
     assert store_counts(host.state_dir) == {
         "networks": 0,
         "endpoints": 0,
@@ -438,7 +345,7 @@ def test_sandbox_namespace_gone(host: Host, base: dict[str, str]) -> None:
     assert_error(refused, 1, f"the network namespace of sandbox '{gone}' is gone")
     assert_unchanged(before, snapshot(host, list(base.values())))
     host.netctl("network", "rm", "--force", "base")
-    assert not [n for n in host.links() if n.startswith(NETSTACK_LINK_PREFIXES)], host.links()
+    assert not netstack_links(host.links()), host.links()
     assert nft_elements(host) == {}
     counts = store_counts(host.state_dir)
     assert (counts["networks"], counts["endpoints"], counts["ipam_pools"]) == (0, 0, 0)

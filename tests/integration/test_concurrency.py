@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from snapshot import global_addresses
 
 if TYPE_CHECKING:
     from conftest import Host
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.root
 
 COUNT = 20
 SUBNET = "10.80.0.0/24"
+MULTI = 8  # networks of the one-sandbox tests
 
 
 def netctl_argv(host: Host, *args: str) -> list[str]:
@@ -116,13 +118,28 @@ def bridge_ports(host: Host, bridge: str) -> list[str]:
     return [link["ifname"] for link in host.ip_json("link", "show", "master", bridge)]
 
 
-def global_addresses(host: Host, sandbox: str, ifname: str) -> list[str]:
-    return sorted(
-        f"{a['local']}/{a['prefixlen']}"
-        for link in host.sandbox_ip_json(sandbox, "addr", "show", "dev", ifname)
-        for a in link.get("addr_info", [])
-        if a.get("scope") == "global"
+def sandbox_addresses(host: Host, sandbox: str, ifname: str) -> list[str]:
+    """Sorted global addresses of one interface in a sandbox."""
+    return global_addresses(host.sandbox_ip_json(sandbox, "addr", "show", "dev", ifname)).get(
+        ifname, []
     )
+
+
+def networks_and_sandbox(host: Host, second_octet: int) -> str:
+    """net0..net7 (10.<second_octet>.<i>.0/24, created at once) and sandbox "multi"."""
+    run_all_at_once(
+        host,
+        [
+            ("network", "create", "--subnet", f"10.{second_octet}.{i}.0/24", f"net{i}")
+            for i in range(MULTI)
+        ],
+    )
+    return host.sandbox("multi")
+
+
+def failed(results: list[subprocess.CompletedProcess[str]]) -> list[str]:
+    """`args: stderr` of each process that exited non-zero."""
+    return [f"{' '.join(r.args)}: {r.stderr.strip()}" for r in results if r.returncode != 0]
 
 
 def connect_all(host: Host) -> tuple[list[str], dict[str, Any]]:
@@ -167,7 +184,7 @@ def test_concurrent_connects(host: Host) -> None:
     for sandbox in sandboxes:
         endpoint = endpoints[sandbox]
         assert endpoint["Interface"] == "eth0"
-        assert global_addresses(host, sandbox, "eth0") == [endpoint["IPv4Address"]], sandbox
+        assert sandbox_addresses(host, sandbox, "eth0") == [endpoint["IPv4Address"]], sandbox
         links = sorted(link["ifname"] for link in host.sandbox_ip_json(sandbox, "link"))
         assert links == ["eth0", "lo"], (sandbox, links)
     ports = bridge_ports(host, network["Options"]["bridge.name"])
@@ -217,10 +234,9 @@ def test_concurrent_network_creates_get_distinct_default_pools(host: Host) -> No
     links = host.links()
     assert bridges <= set(links), (bridges, links)
     host_addresses = {
-        f"{a['local']}/{a['prefixlen']}"
-        for link in host.ip_json("addr", "show")
-        for a in link.get("addr_info", [])
-        if a.get("scope") == "global"
+        address
+        for addresses in global_addresses(host.ip_json("addr", "show")).values()
+        for address in addresses
     }
     for network in networks:
         (config,) = network["IPAM"]["Config"]
@@ -276,43 +292,33 @@ def test_concurrent_connects_with_one_ip_have_one_winner(host: Host) -> None:
 
 def test_concurrent_connects_of_one_sandbox(host: Host) -> None:
     """One sandbox joined to 8 networks at once gets eth0..eth7, each with its address."""
-    count = 8
-    run_all_at_once(
-        host,
-        [("network", "create", "--subnet", f"10.83.{i}.0/24", f"net{i}") for i in range(count)],
-    )
-    sandbox = host.sandbox("multi")
+    sandbox = networks_and_sandbox(host, 83)
 
-    results = start_all(host, [("network", "connect", f"net{i}", sandbox) for i in range(count)])
+    results = start_all(host, [("network", "connect", f"net{i}", sandbox) for i in range(MULTI)])
 
     links = sorted(link["ifname"] for link in host.sandbox_ip_json(sandbox, "link"))
     assert not [name for name in links if name.startswith("nsp")], links  # no half-joined peer
-    failures = [f"{' '.join(r.args)}: {r.stderr.strip()}" for r in results if r.returncode != 0]
+    failures = failed(results)
     assert not failures, "\n".join(failures)
     (info,) = host.netctl_json("sandbox", "inspect", sandbox)
     interfaces = sorted(e["Interface"] for e in info["Endpoints"])
-    assert interfaces == sorted(f"eth{i}" for i in range(count)), info["Endpoints"]
+    assert interfaces == sorted(f"eth{i}" for i in range(MULTI)), info["Endpoints"]
     for endpoint in info["Endpoints"]:
-        assert global_addresses(host, sandbox, endpoint["Interface"]) == [
+        assert sandbox_addresses(host, sandbox, endpoint["Interface"]) == [
             endpoint["IPv4Address"]
         ], endpoint
 
 
 def test_concurrent_disconnects_of_one_sandbox(host: Host) -> None:
     """One sandbox on 8 networks, 7 disconnected at once: all succeed, the 8th keeps routing."""
-    count = 8
-    run_all_at_once(
-        host,
-        [("network", "create", "--subnet", f"10.84.{i}.0/24", f"net{i}") for i in range(count)],
-    )
-    sandbox = host.sandbox("multi")
-    for i in range(count):  # one after another: concurrent joins are tested above
+    sandbox = networks_and_sandbox(host, 84)
+    for i in range(MULTI):  # one after another: concurrent joins are tested above
         host.netctl("network", "connect", f"net{i}", sandbox)
 
-    last = count - 1
+    last = MULTI - 1
     results = start_all(host, [("network", "disconnect", f"net{i}", sandbox) for i in range(last)])
 
-    failures = [f"{' '.join(r.args)}: {r.stderr.strip()}" for r in results if r.returncode != 0]
+    failures = failed(results)
     (info,) = host.netctl_json("sandbox", "inspect", sandbox)
     (endpoint,) = info["Endpoints"]
     assert (endpoint["Network"], endpoint["Interface"]) == ("net7", "eth7")

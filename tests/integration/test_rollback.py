@@ -9,27 +9,25 @@ Then the same command without the fault succeeds, which proves nothing stale blo
 from __future__ import annotations
 
 import ipaddress
-import json
-import sqlite3
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from snapshot import (
+    assert_error,
+    assert_unchanged,
+    global_addresses,
+    kernel_state,
+    netstack_links,
+    nft_elements,
+    nft_rule_counts,
+    store_counts,
+    store_rows,
+)
 
 if TYPE_CHECKING:
     from conftest import Host
 
 pytestmark = pytest.mark.root
-
-STORE_TABLES = {
-    "networks": "id, name, driver, options, pools",
-    "endpoints": "id, network_id, sandbox, interface, mac, ipv4, ipv6",
-    "sandboxes": "name, path",
-    # The allocation cursor may legitimately move; the pool rows themselves may not.
-    "ipam_pools": "id, network_id, subnet, version, first, last",
-    "ipam_addresses": "pool_id, address, owner",
-}
-NETSTACK_LINK_PREFIXES = ("nsbr", "nsv", "nsp")
 
 CREATE_FAULTS = [
     "network-create:after-bridge",
@@ -44,113 +42,13 @@ CONNECT_FAULTS = [
 ]
 
 
-# --------------------------------------------------------------------------- state snapshots
-
-
-def store_rows(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of netstack's tables (sorted), or {} if the database does not exist yet."""
-    path = state_dir / "state.db"
-    if not path.exists():
-        return {}
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        return {
-            table: sorted(conn.execute(f"SELECT {columns} FROM {table}").fetchall())
-            for table, columns in STORE_TABLES.items()
-        }
-    finally:
-        conn.close()
-
-
-def store_counts(state_dir: Path) -> dict[str, int]:
-    return {table: len(rows) for table, rows in store_rows(state_dir).items()}
-
-
-def global_addresses(ip_addr_json: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """{ifname: sorted global addresses} from `ip -j addr` (link-local is the kernel's)."""
-    return {
-        link["ifname"]: sorted(
-            f"{a['local']}/{a['prefixlen']}"
-            for a in link.get("addr_info", [])
-            if a.get("scope") == "global"
-        )
-        for link in ip_addr_json
-    }
-
-
-def routes(ip_route_json: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(dst, dev, gateway) of each route; IPv6 link-local and multicast are the kernel's."""
-    return sorted(
-        (r.get("dst", ""), r.get("dev", ""), r.get("gateway", ""))
-        for r in ip_route_json
-        if not r.get("dst", "").startswith(("fe80:", "ff00:"))
-    )
-
-
-def nft_elements(host: Host) -> dict[str, list[str]]:
-    """Elements of every set and map; empty ones dropped (the first create adds the table)."""
-    elements: dict[str, list[str]] = {}
-    for item in host.nft_ruleset().get("nftables", []):
-        for kind in ("set", "map"):
-            if kind in item:
-                obj = item[kind]
-                elems = sorted(json.dumps(e, sort_keys=True) for e in obj.get("elem", []))
-                if elems:
-                    elements[f"{obj['family']} {obj['table']} {obj['name']}"] = elems
-    return elements
-
-
-def nft_rule_counts(host: Host) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in host.nft_ruleset().get("nftables", []):
-        if "rule" in item:
-            rule = item["rule"]
-            key = f"{rule['family']} {rule['table']} {rule['chain']}"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def kernel_state(host: Host, sandboxes: list[str]) -> dict[str, Any]:
-    """Links, global addresses and routes of the host and of each sandbox; nft state."""
-    state: dict[str, Any] = {
-        "host links": sorted(host.links()),
-        "host addresses": global_addresses(host.ip_json("addr", "show")),
-        "host routes": routes(host.ip_json("-4", "route", "show"))
-        + routes(host.ip_json("-6", "route", "show")),
-        "nft elements": nft_elements(host),
-    }
-    for sandbox in sandboxes:
-        state[f"{sandbox} addresses"] = global_addresses(
-            host.sandbox_ip_json(sandbox, "addr", "show")
-        )
-        state[f"{sandbox} routes"] = routes(
-            host.sandbox_ip_json(sandbox, "-4", "route", "show")
-        ) + routes(host.sandbox_ip_json(sandbox, "-6", "route", "show"))
-    return state
-
-
-def assert_one_line_error(proc: Any, needle: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1, f"rc={proc.returncode}\nstderr:\n{proc.stderr}"
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
-    assert lines[0].startswith("netctl: error: "), lines[0]
-    assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-
-
-def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
-    for key in before.keys() | after.keys():
-        assert after.get(key) == before.get(key), (
-            f"{key} changed:\nbefore: {before.get(key)}\nafter:  {after.get(key)}"
-        )
-
-
 def assert_rules_not_grown(before: dict[str, int], after: dict[str, int]) -> None:
     """Chains that existed keep their rule count (new chains: the table was created)."""
     assert {chain: after.get(chain) for chain in before} == before, (before, after)
 
 
 def leftovers(links: list[str], before: list[str]) -> list[str]:
-    return [n for n in set(links) - set(before) if n.startswith(NETSTACK_LINK_PREFIXES)]
+    return netstack_links(sorted(set(links) - set(before)))
 
 
 def network_inspect(host: Host, name: str) -> dict[str, Any]:
@@ -187,7 +85,7 @@ def test_network_create_fault_rolls_back(host: Host, point: str, setup: str) -> 
 
     failed = host.netctl(*command, env={"NETSTACK_FAULT": point}, check=False)
 
-    assert_one_line_error(failed, point)
+    assert_error(failed, 1, point)
     kernel_after = kernel_state(host, sandboxes)
     assert not leftovers(kernel_after["host links"], kernel_before["host links"])
     assert "nsbrfault" not in kernel_after["host links"]
@@ -241,7 +139,7 @@ def test_connect_fault_rolls_back(host: Host, point: str, dual_stack: bool) -> N
 
     failed = host.netctl(*command, env={"NETSTACK_FAULT": point}, check=False)
 
-    assert_one_line_error(failed, point)
+    assert_error(failed, 1, point)
     kernel_after = kernel_state(host, sandboxes)
     assert not leftovers(kernel_after["host links"], kernel_before["host links"])
     target_links = [link["ifname"] for link in host.sandbox_ip_json(target, "link")]

@@ -1,70 +1,36 @@
 """Scapy helpers that send and sniff inside named network namespaces.
 
-Sockets are made the way STYLE.md asks: a short-lived thread enters the namespace
-(``setns`` on ``/run/netns/NAME``), creates and binds an ``AF_PACKET`` socket, and
-exits; the socket stays bound to that namespace while the test process never leaves
-its own. Scapy is used only to build and parse frames (bytes in, bytes out): its own
-interface lookup reads the test process's namespace, so it is never asked to resolve
-an interface or fill in a MAC address. Always give explicit Ethernet addresses.
+Sockets are made the way STYLE.md asks, with ``netstack.kernel.netns.run_in``: a
+short-lived thread enters the namespace (``setns`` on ``/run/netns/NAME``), creates and
+binds an ``AF_PACKET`` socket, and exits; the socket stays bound to that namespace while
+the test process never leaves its own. Scapy is used only to build and parse frames
+(bytes in, bytes out): its own interface lookup reads the test process's namespace, so
+it is never asked to resolve an interface or fill in a MAC address. Always give explicit
+Ethernet addresses.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import secrets
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet, Raw
 
-CLONE_NEWNET = 0x40000000
+from netstack.kernel.netns import run_in
+
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 BROADCAST_MAC = "ff:ff:ff:ff:ff:ff"
 
-T = TypeVar("T")
 Match = Callable[[Packet], bool]
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def call_in_netns(netns: str, func: Callable[[], T]) -> T:
-    """Run func in a short-lived thread that has entered /run/netns/<netns>; return its result.
-
-    Only that thread changes namespace; it exits afterwards, so no long-lived thread
-    is ever left in another namespace. Raises OSError if the namespace cannot be entered.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
-            finally:
-                os.close(fd)
-            result.append(func())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name=f"setns-{netns}")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 @dataclass
@@ -97,7 +63,7 @@ class PacketSocket:
             sock.setblocking(False)
             return sock
 
-        self.sock: socket.socket = call_in_netns(netns, make)
+        self.sock: socket.socket = run_in(netns, make)
 
     def close(self) -> None:
         self.sock.close()

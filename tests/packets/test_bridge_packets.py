@@ -25,9 +25,10 @@ from netns_scapy import (
 )
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet
 
 if TYPE_CHECKING:
-    from conftest import Host
+    from conftest import Host, Outside
 
 pytestmark = pytest.mark.root
 
@@ -46,6 +47,11 @@ class Attached:
     mac: str
     ip4: str
     ip6: str
+
+    @property
+    def at(self) -> tuple[str, str]:
+        """(namespace, interface), where its frames are sent and sniffed."""
+        return self.sandbox, self.iface
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,75 @@ def unreachable(host: Host, attached: Attached, target: str) -> bool:
     return not _ping_once(host, attached, target)
 
 
+def arp_reply(sender: Attached, target_ip: str) -> Packet | None:
+    """ARP who-has target_ip from sender; the is-at it gets back, or None."""
+    return send_and_receive(
+        sender.sandbox,
+        sender.iface,
+        arp_request(sender.mac, sender.ip4, target_ip),
+        is_arp_reply(target_ip, sender.mac),
+    )
+
+
+def echo_reply(
+    sender: Attached, dst_mac: str, dst_ip: str, src: str | None = None, dst: str | None = None
+) -> Packet | None:
+    """A fresh echo request from sender to (dst_mac, dst_ip); the reply it gets back
+    (from src, to dst where given), or None."""
+    ident, payload = new_token()
+    request = echo_request(sender.mac, dst_mac, sender.ip4, dst_ip, ident, payload)
+    return send_and_receive(
+        sender.sandbox, sender.iface, request, is_echo(ident, payload, reply=True, src=src, dst=dst)
+    )
+
+
+def probe(
+    sender: Attached,
+    dst_mac: str,
+    dst_ip: str,
+    sniffer: tuple[str, str],
+    src: str | None = None,
+    dst: str | None = None,
+    absent: bool = False,
+) -> list[Packet]:
+    """A fresh echo request from sender to (dst_mac, dst_ip); what sniffer sees of it.
+
+    Matched by payload (and src, dst where given). Waits up to 3 s for the first match;
+    with absent, listens for the whole ABSENCE_WINDOW (showing it does not arrive).
+    """
+    ident, payload = new_token()
+    return send_and_sniff(
+        sender.at,
+        echo_request(sender.mac, dst_mac, sender.ip4, dst_ip, ident, payload),
+        sniffer,
+        is_echo(ident, payload, reply=False, src=src, dst=dst),
+        duration=ABSENCE_WINDOW if absent else 3.0,
+        stop_at_first=not absent,
+    )
+
+
+def egress_echo(
+    outside: Outside, net: Net, sender: Attached, v6: bool, want_reply: bool
+) -> tuple[Packet | None, Packet | None]:
+    """An echo request from sender to the outside through the gateway.
+
+    (The request as the outside saw it, or None; the reply back at sender, or None, waited
+    for only if want_reply and the request arrived.)
+    """
+    src, dst = (sender.ip6, outside.addr6) if v6 else (sender.ip4, outside.addr4)
+    ident, payload = new_token()
+    request = echo_request(sender.mac, net.bridge_mac, src, dst, ident, payload)
+    with (
+        PacketSocket(outside.name, outside.iface) as at_outside,
+        PacketSocket(*sender.at) as at_sandbox,
+    ):
+        at_sandbox.send(request)
+        seen = at_outside.wait_for(is_echo(ident, payload, reply=False, dst=dst), 3.0)
+        if seen is None or not want_reply:
+            return seen, None
+        return seen, at_sandbox.wait_for(is_echo(ident, payload, reply=True, src=dst, dst=src), 3.0)
+
+
 # --------------------------------------------------------------------------- ARP / ICMP
 
 
@@ -152,19 +227,12 @@ def test_arp_gateway_and_peer(host: Host) -> None:
     assert sandbox_mac(host, a) == a.mac, "inspect MacAddress differs from the kernel's"
     assert sandbox_mac(host, b) == b.mac, "inspect MacAddress differs from the kernel's"
 
-    reply = send_and_receive(
-        a.sandbox,
-        a.iface,
-        arp_request(a.mac, a.ip4, net.gateway4),
-        is_arp_reply(net.gateway4, a.mac),
-    )
+    reply = arp_reply(a, net.gateway4)
     assert reply is not None, f"no ARP reply for gateway {net.gateway4}"
     assert reply.hwsrc.lower() == net.bridge_mac
     assert reply.src.lower() == net.bridge_mac
 
-    reply = send_and_receive(
-        a.sandbox, a.iface, arp_request(a.mac, a.ip4, b.ip4), is_arp_reply(b.ip4, a.mac)
-    )
+    reply = arp_reply(a, b.ip4)
     assert reply is not None, f"no ARP reply for peer {b.ip4}"
     assert reply.hwsrc.lower() == b.mac
     assert reply.src.lower() == b.mac
@@ -176,19 +244,11 @@ def test_icmp_echo_peer_and_gateway(host: Host) -> None:
     a = attach(host, net, "a")
     b = attach(host, net, "b")
 
-    ident, payload = new_token()
-    request = echo_request(a.mac, b.mac, a.ip4, b.ip4, ident, payload)
-    reply = send_and_receive(
-        a.sandbox, a.iface, request, is_echo(ident, payload, reply=True, src=b.ip4, dst=a.ip4)
-    )
+    reply = echo_reply(a, b.mac, b.ip4, src=b.ip4, dst=a.ip4)
     assert reply is not None, f"no echo reply from peer {b.ip4}"
     assert reply.src.lower() == b.mac
 
-    ident, payload = new_token()
-    request = echo_request(a.mac, net.bridge_mac, a.ip4, net.gateway4, ident, payload)
-    reply = send_and_receive(
-        a.sandbox, a.iface, request, is_echo(ident, payload, reply=True, src=net.gateway4)
-    )
+    reply = echo_reply(a, net.bridge_mac, net.gateway4, src=net.gateway4)
     assert reply is not None, f"no echo reply from gateway {net.gateway4}"
     assert reply.src.lower() == net.bridge_mac
 
@@ -211,40 +271,24 @@ def test_networks_are_isolated(host: Host) -> None:
 
     # Routed through the gateway towards B: reaches the host, never reaches b1.
     ident, payload = new_token()
-    probe = echo_request(a1.mac, net_a.bridge_mac, a1.ip4, b1.ip4, ident, payload)
+    request = echo_request(a1.mac, net_a.bridge_mac, a1.ip4, b1.ip4, ident, payload)
     match = is_echo(ident, payload, reply=False, src=a1.ip4, dst=b1.ip4)
     with (
         PacketSocket(host.name, net_a.bridge) as at_host,
-        PacketSocket(b1.sandbox, b1.iface) as at_b1,
-        PacketSocket(a1.sandbox, a1.iface) as sender,
+        PacketSocket(*b1.at) as at_b1,
+        PacketSocket(*a1.at) as sender,
     ):
-        sender.send(probe)
+        sender.send(request)
         assert at_host.wait_for(match, 3.0) is not None, "probe never reached the host"
         leaked = at_b1.collect(match, ABSENCE_WINDOW)
     assert leaked == [], f"packet from network A was delivered on network B: {leaked[0]!r}"
 
     # Positive control, same routed shape inside A: delivered.
-    ident, payload = new_token()
-    probe = echo_request(a1.mac, net_a.bridge_mac, a1.ip4, a2.ip4, ident, payload)
-    got = send_and_sniff(
-        (a1.sandbox, a1.iface),
-        probe,
-        (a2.sandbox, a2.iface),
-        is_echo(ident, payload, reply=False, src=a1.ip4, dst=a2.ip4),
-        duration=3.0,
-    )
+    got = probe(a1, net_a.bridge_mac, a2.ip4, a2.at, src=a1.ip4, dst=a2.ip4)
     assert got, "control: routed packet to a peer on the same network did not arrive"
 
     # Positive control, direct L2 to the peer: delivered.
-    ident, payload = new_token()
-    probe = echo_request(a1.mac, a2.mac, a1.ip4, a2.ip4, ident, payload)
-    got = send_and_sniff(
-        (a1.sandbox, a1.iface),
-        probe,
-        (a2.sandbox, a2.iface),
-        is_echo(ident, payload, reply=False, src=a1.ip4, dst=a2.ip4),
-        duration=3.0,
-    )
+    got = probe(a1, a2.mac, a2.ip4, a2.at, src=a1.ip4, dst=a2.ip4)
     assert got, "control: packet to a peer on the same network did not arrive"
 
     # The reverse direction is dropped too, as the kernel's own ping shows.
@@ -257,24 +301,11 @@ def test_icc_false_blocks_peers_not_gateway(host: Host) -> None:
     s1 = attach(host, net, "s1")
     s2 = attach(host, net, "s2")
 
-    ident, payload = new_token()
-    probe = echo_request(s1.mac, s2.mac, s1.ip4, s2.ip4, ident, payload)
-    got = send_and_sniff(
-        (s1.sandbox, s1.iface),
-        probe,
-        (s2.sandbox, s2.iface),
-        is_echo(ident, payload, reply=False, src=s1.ip4),
-        duration=ABSENCE_WINDOW,
-        stop_at_first=False,
-    )
+    got = probe(s1, s2.mac, s2.ip4, s2.at, src=s1.ip4, absent=True)
     assert got == [], "icc=false: a frame from s1 was delivered to s2"
     assert unreachable(host, s1, s2.ip4), "icc=false: s1 can ping s2"
 
-    ident, payload = new_token()
-    request = echo_request(s1.mac, net.bridge_mac, s1.ip4, net.gateway4, ident, payload)
-    reply = send_and_receive(
-        s1.sandbox, s1.iface, request, is_echo(ident, payload, reply=True, src=net.gateway4)
-    )
+    reply = echo_reply(s1, net.bridge_mac, net.gateway4, src=net.gateway4)
     assert reply is not None, "icc=false: the gateway does not answer"
     assert reachable(host, s2, net.gateway4)
 
@@ -290,28 +321,12 @@ def test_internal_network_has_no_egress(host: Host) -> None:
     i1 = attach(host, internal, "i1")
     n1 = attach(host, normal, "n1")
 
-    ident, payload = new_token()
-    probe = echo_request(i1.mac, internal.bridge_mac, i1.ip4, outside.addr4, ident, payload)
-    got = send_and_sniff(
-        (i1.sandbox, i1.iface),
-        probe,
-        (outside.name, outside.iface),
-        is_echo(ident, payload, reply=False, dst=outside.addr4),
-        duration=ABSENCE_WINDOW,
-        stop_at_first=False,
-    )
+    at_outside = (outside.name, outside.iface)
+    got = probe(i1, internal.bridge_mac, outside.addr4, at_outside, dst=outside.addr4, absent=True)
     assert got == [], f"--internal: packet left the host: {got[0]!r}"
     assert unreachable(host, i1, outside.addr4)
 
-    ident, payload = new_token()
-    probe = echo_request(n1.mac, normal.bridge_mac, n1.ip4, outside.addr4, ident, payload)
-    got = send_and_sniff(
-        (n1.sandbox, n1.iface),
-        probe,
-        (outside.name, outside.iface),
-        is_echo(ident, payload, reply=False, dst=outside.addr4),
-        duration=3.0,
-    )
+    got = probe(n1, normal.bridge_mac, outside.addr4, at_outside, dst=outside.addr4)
     assert got, "control: a normal network's packet did not reach the outside"
     assert reachable(host, n1, outside.addr4)
 
@@ -324,23 +339,13 @@ def test_masquerade_source_address(host: Host, masquerade: bool) -> None:
     net = create_network(host, "egress", "--subnet", "10.50.0.0/24", *opts)
     s1 = attach(host, net, "s1")
 
-    ident, payload = new_token()
-    probe = echo_request(s1.mac, net.bridge_mac, s1.ip4, outside.addr4, ident, payload)
-    with (
-        PacketSocket(outside.name, outside.iface) as at_outside,
-        PacketSocket(s1.sandbox, s1.iface) as at_sandbox,
-    ):
-        at_sandbox.send(probe)
-        seen = at_outside.wait_for(is_echo(ident, payload, reply=False, dst=outside.addr4), 3.0)
-        assert seen is not None, "echo request never reached the outside"
-        expected_source = outside.host_addr4 if masquerade else s1.ip4
-        assert seen[IP].src == expected_source
-        if masquerade:
-            # The reply is translated back to the sandbox.
-            reply = at_sandbox.wait_for(
-                is_echo(ident, payload, reply=True, src=outside.addr4, dst=s1.ip4), 3.0
-            )
-            assert reply is not None, "masqueraded echo reply not delivered back to the sandbox"
+    seen, reply = egress_echo(outside, net, s1, v6=False, want_reply=masquerade)
+    assert seen is not None, "echo request never reached the outside"
+    expected_source = outside.host_addr4 if masquerade else s1.ip4
+    assert seen[IP].src == expected_source
+    if masquerade:
+        # The reply is translated back to the sandbox.
+        assert reply is not None, "masqueraded echo reply not delivered back to the sandbox"
     # The outside has no route to sandbox subnets: only masquerading makes ping work.
     if masquerade:
         assert reachable(host, s1, outside.addr4)
@@ -357,17 +362,7 @@ def test_masquerade_ipv6(host: Host) -> None:
     s1 = attach(host, net, "s1")
     assert s1.ip6, "dual-stack endpoint has no IPv6 address"
 
-    ident, payload = new_token()
-    probe = echo_request(s1.mac, net.bridge_mac, s1.ip6, outside.addr6, ident, payload)
-    with (
-        PacketSocket(outside.name, outside.iface) as at_outside,
-        PacketSocket(s1.sandbox, s1.iface) as at_sandbox,
-    ):
-        at_sandbox.send(probe)
-        seen = at_outside.wait_for(is_echo(ident, payload, reply=False, dst=outside.addr6), 3.0)
-        assert seen is not None, "IPv6 echo request never reached the outside"
-        assert seen[IPv6].src == outside.host_addr6
-        reply = at_sandbox.wait_for(
-            is_echo(ident, payload, reply=True, src=outside.addr6, dst=s1.ip6), 3.0
-        )
-        assert reply is not None, "masqueraded IPv6 echo reply not delivered back to the sandbox"
+    seen, reply = egress_echo(outside, net, s1, v6=True, want_reply=True)
+    assert seen is not None, "IPv6 echo request never reached the outside"
+    assert seen[IPv6].src == outside.host_addr6
+    assert reply is not None, "masqueraded IPv6 echo reply not delivered back to the sandbox"
