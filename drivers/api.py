@@ -43,3 +43,11 @@ class NetworkDriver(Protocol):
     def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
         """Remove the endpoint's interface wherever it is. Idempotent."""
         ...
+
+    def program_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
+        """Publish `endpoint.ports` on the host. Undo: revoke_external_connectivity."""
+        ...
+
+    def revoke_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
+        """Unpublish `endpoint.ports` and forget their flows. Idempotent."""
+        ...

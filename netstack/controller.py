@@ -18,12 +18,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack import faults
+from netstack import faults, ports
 from netstack.drivers.api import NetworkDriver
 from netstack.errors import Conflict, InUse, InvalidArgument, KernelError, NetstackError, NotFound
 from netstack.ipam import AddressAllocator, choose_default_pool, default_ipv6_pool, make_pool_spec
 from netstack.ipam.pools import parse_address, parse_network
-from netstack.kernel import links, netns
+from netstack.kernel import links, netns, sockets
 from netstack.model import Endpoint, IPAddress, IPNetwork, Network, PoolConfig, Sandbox
 from netstack.store import Store, now
 
@@ -85,6 +85,7 @@ class ConnectRequest:
     ip6: str | None = None
     aliases: list[str] = field(default_factory=list)
     mac: str | None = None
+    ports: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,7 @@ class Controller:
                 )
         for alias in request.aliases:
             validate_name(alias, "alias")
+        port_requests = self._port_requests(network, request.ports)
         driver = self.driver(network.driver)
         endpoint = Endpoint(
             id=secrets.token_hex(32),
@@ -342,6 +344,10 @@ class Controller:
         with ExitStack() as undo:
             with self.store.transaction() as conn:
                 self._reserve_endpoint(conn, network, endpoint, ip, ip6)
+                endpoint.ports = ports.assign(
+                    port_requests, self.store.all_ports(), sockets.bound_ports
+                )
+                self.store.insert_ports(conn, endpoint.id, endpoint.ports)
             undo.callback(self._forget_endpoint, endpoint.id)
             faults.checkpoint("connect:after-address")
             driver.create_endpoint(network, endpoint)
@@ -349,6 +355,9 @@ class Controller:
             faults.checkpoint("connect:after-veth")
             endpoint.interface = driver.join(network, endpoint, sandbox)
             faults.checkpoint("connect:after-join")
+            driver.program_external_connectivity(network, endpoint)
+            undo.callback(driver.revoke_external_connectivity, network, endpoint)
+            faults.checkpoint("connect:after-ports")
             with self.store.transaction() as conn:
                 self.store.update_endpoint_interface(conn, endpoint.id, endpoint.interface)
             faults.checkpoint("connect:before-store")
@@ -361,6 +370,30 @@ class Controller:
             endpoint.interface,
         )
         return endpoint
+
+    def _port_requests(self, network: Network, specs: list[str]) -> list[ports.PortRequest]:
+        """Parse `-p` specs and check the network can publish them."""
+        if not specs:
+            return []
+        if network.internal:
+            raise InvalidArgument(
+                f"network {network.name!r} is internal: it has no external connectivity, so "
+                "it cannot publish ports; use a non-internal network for -p"
+            )
+        requests = [ports.parse_spec(spec, links.host_addresses) for spec in specs]
+        versions = {p.subnet.version for p in network.pools}
+        for req in requests:
+            if req.host_ip and ":" in req.host_ip and 6 not in versions:
+                raise InvalidArgument(
+                    f"-p {req.spec!r} publishes on IPv6 but network {network.name!r} has no "
+                    "IPv6 subnet; create it with --ipv6"
+                )
+            if req.host_ip and ":" not in req.host_ip and 4 not in versions:
+                raise InvalidArgument(
+                    f"-p {req.spec!r} publishes on IPv4 but network {network.name!r} has no "
+                    "IPv4 subnet"
+                )
+        return requests
 
     def _reserve_endpoint(
         self,
@@ -422,11 +455,17 @@ class Controller:
 
     def _disconnect(self, network: Network, endpoint: Endpoint) -> None:
         """Kernel objects first (idempotent), then the row and addresses."""
-        try:
-            self.driver(network.driver).delete_endpoint(network, endpoint)
-        finally:
-            self._forget_endpoint(endpoint.id)
+        driver = self.driver(network.driver)
+        failures: list[NetstackError] = []
+        for step in (driver.revoke_external_connectivity, driver.delete_endpoint):
+            try:
+                step(network, endpoint)
+            except NetstackError as exc:  # best effort: try every step, report the first
+                failures.append(exc)
+        self._forget_endpoint(endpoint.id)
         self._repair_default_routes(endpoint.sandbox)
+        if failures:
+            raise failures[0]
         log.info(
             "network=%s sandbox=%s endpoint=%s disconnected",
             network.id[:12],

@@ -44,6 +44,33 @@ class Network:
         return next((p for p in self.pools if p.version == version), None)
 
 
+@dataclass(frozen=True)
+class PortBinding:
+    """One published port: host_ip:host_port/protocol -> the endpoint's container_port.
+
+    `host_ip` is "" for every host address (IPv4 and IPv6), "0.0.0.0" or "::" for every
+    address of one family, or one specific host address.
+    """
+
+    protocol: str
+    host_ip: str
+    host_port: int
+    container_port: int
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions this binding answers on."""
+        if self.host_ip == "":
+            return (4, 6)
+        return (6,) if ":" in self.host_ip else (4,)
+
+    def __str__(self) -> str:
+        host = self.host_ip or "*"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.host_port}->{self.container_port}/{self.protocol}"
+
+
 @dataclass
 class Endpoint:
     """One interface of one sandbox on one network."""
@@ -57,6 +84,7 @@ class Endpoint:
     ipv6: ipaddress.IPv6Interface | None = None
     aliases: list[str] = field(default_factory=list)
     created: str = ""
+    ports: list[PortBinding] = field(default_factory=list)
 
     @property
     def name(self) -> str:

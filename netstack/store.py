@@ -17,10 +17,10 @@ from pathlib import Path
 
 from netstack.errors import NetstackError
 from netstack.ipam.allocator import SCHEMA as IPAM_SCHEMA
-from netstack.model import Endpoint, Network, PoolConfig, Sandbox
+from netstack.model import Endpoint, Network, PoolConfig, PortBinding, Sandbox
 
 DEFAULT_STATE_DIR = "/var/lib/netstack"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS networks (
@@ -53,6 +53,19 @@ CREATE TABLE IF NOT EXISTS endpoints (
     UNIQUE (network_id, sandbox)
 );
 CREATE INDEX IF NOT EXISTS endpoints_sandbox ON endpoints(sandbox);
+"""
+
+# Each entry upgrades the schema from version N-1 to N (index 0 creates version 1).
+_PORTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS port_bindings (
+    endpoint_id     TEXT NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+    protocol        TEXT NOT NULL,
+    host_ip         TEXT NOT NULL,
+    host_port       INTEGER NOT NULL,
+    container_port  INTEGER NOT NULL,
+    PRIMARY KEY (protocol, host_port, host_ip)
+);
+CREATE INDEX IF NOT EXISTS port_bindings_endpoint ON port_bindings(endpoint_id);
 """
 
 
@@ -136,12 +149,14 @@ class Store:
                 f"state database schema {version} is newer than this netstack "
                 f"({SCHEMA_VERSION}); upgrade netstack"
             )
+        migrations = [_SCHEMA + IPAM_SCHEMA, _PORTS_SCHEMA]
         with self.transaction() as conn:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for statement in (_SCHEMA + IPAM_SCHEMA).split(";"):
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for script in migrations[current:]:
+                for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -283,6 +298,8 @@ class Store:
         conn.execute("UPDATE endpoints SET interface=? WHERE id=?", (interface, endpoint_id))
 
     def delete_endpoint(self, conn: sqlite3.Connection, endpoint_id: str) -> None:
+        """Forget an endpoint and its published ports. Idempotent."""
+        conn.execute("DELETE FROM port_bindings WHERE endpoint_id=?", (endpoint_id,))
         conn.execute("DELETE FROM endpoints WHERE id=?", (endpoint_id,))
 
     def endpoints(
@@ -301,7 +318,41 @@ class Store:
             f"SELECT {self._ENDPOINT_COLUMNS} FROM endpoints{where} ORDER BY created, rowid",
             args,
         ).fetchall()
-        return [self._endpoint(row) for row in rows]
+        endpoints = [self._endpoint(row) for row in rows]
+        by_id = {e.id: e for e in endpoints}
+        port_rows = self.conn.execute(
+            "SELECT endpoint_id, protocol, host_ip, host_port, container_port FROM port_bindings "
+            f"WHERE endpoint_id IN (SELECT id FROM endpoints{where}) ORDER BY rowid",
+            args,
+        ).fetchall()
+        for endpoint_id, *binding in port_rows:
+            by_id[endpoint_id].ports.append(PortBinding(*binding))
+        return endpoints
+
+    # port bindings --------------------------------------------------------------------------
+    def insert_ports(
+        self, conn: sqlite3.Connection, endpoint_id: str, ports: list[PortBinding]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO port_bindings(endpoint_id, protocol, host_ip, host_port, "
+            "container_port) VALUES (?,?,?,?,?)",
+            [(endpoint_id, p.protocol, p.host_ip, p.host_port, p.container_port) for p in ports],
+        )
+
+    def all_ports(self) -> list[PortBinding]:
+        """Every published port of every endpoint."""
+        rows = self.conn.execute(
+            "SELECT protocol, host_ip, host_port, container_port FROM port_bindings"
+        ).fetchall()
+        return [PortBinding(*row) for row in rows]
+
+    def ports_of(self, endpoint_id: str) -> list[PortBinding]:
+        rows = self.conn.execute(
+            "SELECT protocol, host_ip, host_port, container_port FROM port_bindings "
+            "WHERE endpoint_id=? ORDER BY rowid",
+            (endpoint_id,),
+        ).fetchall()
+        return [PortBinding(*row) for row in rows]
 
     def find_endpoint(self, network_id: str, sandbox: str) -> Endpoint | None:
         found = self.endpoints(network_id=network_id, sandbox=sandbox)

@@ -13,7 +13,7 @@ from netstack.drivers.bridge.options import BridgeOptions
 
 from netstack import faults
 from netstack.errors import Conflict, KernelError
-from netstack.kernel import links, sysctl
+from netstack.kernel import conntrack, links, sysctl
 from netstack.kernel.nftables import Nftables
 from netstack.model import Endpoint, IPInterface, Network, Sandbox
 
@@ -86,6 +86,8 @@ class BridgeDriver:
                 sysctl.write("net.ipv6.conf.all.forwarding", "1")
             links.create_bridge(options.bridge_name, bridge_mac(network.id), options.mtu, gateways)
             undo.callback(links.delete_link, options.bridge_name)
+            # lets the host's own 127.0.0.1 reach published ports (DNAT'd, then masqueraded)
+            sysctl.write(f"net.ipv4.conf.{options.bridge_name}.route_localnet", "1")
             faults.checkpoint("network-create:after-bridge")
             facts = facts_of(network, options)
             self.nft.run(firewall.base_ruleset() + firewall.add_network(facts))
@@ -95,7 +97,12 @@ class BridgeDriver:
         log.info("network=%s bridge=%s created", network.id[:12], options.bridge_name)
 
     def _delete_elements(self, facts: firewall.NetworkFacts) -> None:
-        commands = firewall.delete_network_commands(facts)
+        self._run_each(firewall.delete_network_commands(facts))
+
+    def _run_each(self, commands: list[str]) -> None:
+        """Run deletions in one transaction, or one by one if some target is already gone."""
+        if not commands:
+            return
         try:
             self.nft.run("\n".join(commands))
         except KernelError:
@@ -139,6 +146,37 @@ class BridgeDriver:
 
     def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
         links.delete_link(host_veth_name(endpoint.id))
+
+    def program_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
+        """Publish the endpoint's ports: DNAT map elements, in one nft transaction.
+
+        Flows already tracked towards those host ports are dropped, so the next packet is
+        translated. Undo: revoke_external_connectivity.
+        """
+        if not endpoint.ports:
+            return
+        ipv4, ipv6 = _addresses(endpoint)
+        self.nft.run(firewall.publish_commands(endpoint.ports, ipv4, ipv6))
+        for binding in endpoint.ports:
+            conntrack.forget_host_port(binding.protocol, binding.host_port)
+
+    def revoke_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
+        """Unpublish the endpoint's ports and drop the flows translated to them. Idempotent."""
+        if not endpoint.ports:
+            return
+        ipv4, ipv6 = _addresses(endpoint)
+        self._run_each(firewall.unpublish_commands(endpoint.ports, ipv4, ipv6))
+        for binding in endpoint.ports:
+            for address in (ipv4, ipv6):
+                if address is not None:
+                    conntrack.forget_destination(binding.protocol, address, binding.container_port)
+
+
+def _addresses(endpoint: Endpoint) -> tuple[str | None, str | None]:
+    return (
+        None if endpoint.ipv4 is None else str(endpoint.ipv4.ip),
+        None if endpoint.ipv6 is None else str(endpoint.ipv6.ip),
+    )
 
 
 def ip_interface(address: object, prefixlen: int) -> IPInterface:

@@ -63,11 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--ip6", metavar="IPV6")
     connect.add_argument("--alias", action="append", default=[], metavar="NAME")
     connect.add_argument("--mac", metavar="MAC")
+    connect.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[IP:][HOST_PORT:]PORT[/PROTO]",
+        help="publish a port on the host (repeatable)",
+    )
     _add_format(connect)
     disconnect = verbs.add_parser("disconnect", help="disconnect a sandbox from a network")
     disconnect.add_argument("network")
     disconnect.add_argument("sandbox")
     _add_format(verbs.add_parser("prune", help="remove networks without endpoints"))
+
+    port = top.add_parser("port", help="list a sandbox's published ports")
+    port.add_argument("sandbox")
+    _add_format(port)
 
     sandbox = top.add_parser("sandbox", help="manage sandboxes (network namespaces)")
     sverbs = sandbox.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -94,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` and usage errors stay fast.
     from netstack.cli import commands
 
-    handler = getattr(commands, f"{args.group}_{args.verb}")
+    name = args.group if args.group == "port" else f"{args.group}_{args.verb}"
+    handler = getattr(commands, name)
     result: int = handler(args)
     return result
 

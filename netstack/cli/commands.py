@@ -8,7 +8,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from netstack.cli.render import network_document, sandbox_document, table
+from netstack.cli.render import (
+    network_document,
+    port_lines,
+    ports_document,
+    sandbox_document,
+    table,
+)
 from netstack.controller import ConnectRequest, Controller, NetworkRequest, parse_key_values
 from netstack.drivers.bridge import BridgeDriver
 from netstack.errors import InvalidArgument, NetstackError
@@ -100,7 +106,9 @@ def network_connect(args: argparse.Namespace) -> int:
     endpoint = controller.connect(
         args.network,
         args.sandbox,
-        ConnectRequest(ip=args.ip, ip6=args.ip6, aliases=args.alias, mac=args.mac),
+        ConnectRequest(
+            ip=args.ip, ip6=args.ip6, aliases=args.alias, mac=args.mac, ports=args.publish
+        ),
     )
     network = controller.network(args.network)
     document = sandbox_document(controller.sandbox(args.sandbox), [(endpoint, network.name)])
@@ -168,3 +176,12 @@ def sandbox_exec(args: argparse.Namespace) -> int:
     sandbox = controller.sandbox(args.name)
     netns.exec_in(sandbox.name, command)
     return 0  # not reached: exec_in replaces the process
+
+
+def port(args: argparse.Namespace) -> int:
+    """Every port the sandbox publishes, over all its networks."""
+    controller = build_controller()
+    sandbox = controller.sandbox(args.sandbox)
+    bindings = [p for e in controller.store.endpoints(sandbox=sandbox.name) for p in e.ports]
+    _emit(args, ports_document(bindings), "\n".join(port_lines(bindings)))
+    return 0

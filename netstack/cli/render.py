@@ -5,7 +5,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from netstack.model import Endpoint, Network, Sandbox
+from netstack.model import Endpoint, Network, PortBinding, Sandbox
+
+
+def ports_document(ports: Sequence[PortBinding]) -> list[dict[str, Any]]:
+    """Published ports with the host port actually chosen."""
+    return [
+        {
+            "HostIp": p.host_ip,
+            "HostPort": p.host_port,
+            "ContainerPort": p.container_port,
+            "Protocol": p.protocol,
+        }
+        for p in ports
+    ]
+
+
+def port_lines(ports: Sequence[PortBinding]) -> list[str]:
+    """`docker port` style: 80/tcp -> 0.0.0.0:8080 (a binding on all addresses: v4 and v6)."""
+    lines = []
+    for p in ports:
+        hosts = ["0.0.0.0", "[::]"] if p.host_ip == "" else [p.host_ip]
+        for host in hosts:
+            shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            lines.append(f"{p.container_port}/{p.protocol} -> {shown}:{p.host_port}")
+    return lines
 
 
 def network_document(network: Network, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
@@ -41,6 +65,7 @@ def network_document(network: Network, endpoints: Sequence[Endpoint]) -> dict[st
                 "IPv4Address": "" if e.ipv4 is None else str(e.ipv4),
                 "IPv6Address": "" if e.ipv6 is None else str(e.ipv6),
                 "Aliases": list(e.aliases),
+                "Ports": ports_document(e.ports),
             }
             for e in endpoints
         ],
@@ -61,6 +86,7 @@ def sandbox_document(sandbox: Sandbox, endpoints: Sequence[tuple[Endpoint, str]]
                 "MacAddress": e.mac,
                 "IPv4Address": "" if e.ipv4 is None else str(e.ipv4),
                 "IPv6Address": "" if e.ipv6 is None else str(e.ipv6),
+                "Ports": ports_document(e.ports),
             }
             for e, network_name in endpoints
         ],

@@ -140,8 +140,8 @@ def create_veth(
             )
         with netlink_errors(f"configuring veth {host_name}"):
             index = _index(ipr, host_name)
-            if isolated:
-                ipr.brport("set", index=index, isolated=1)
+            # hairpin: a sandbox reaching its own published port through the host
+            ipr.brport("set", index=index, mode=1, isolated=int(isolated))
             ipr.link("set", index=index, state="up")
 
 
@@ -248,3 +248,9 @@ def host_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
             if dst and route["dst_len"] > 0:
                 nets.append(ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False))
     return nets
+
+
+def host_addresses() -> list[str]:
+    """Every address configured in this namespace (to validate a published port's host IP)."""
+    with _ipr() as ipr, netlink_errors("listing addresses"):
+        return [str(msg.get("IFA_ADDRESS")) for msg in ipr.get_addr()]

@@ -96,13 +96,14 @@ def test_network_create(argv: list[str], changes: dict[str, Any]) -> None:
                 "ip6": None,
                 "alias": [],
                 "mac": None,
+                "publish": [],
                 "format": "table",
             },
         ),
         (
             shlex.split(
                 "network connect --ip 10.20.0.9 --ip6 fd00:1::9 --alias www --alias api "
-                "--mac 02:42:ac:11:00:02 front web"
+                "--mac 02:42:ac:11:00:02 -p 8080:80 --publish 127.0.0.1::53/udp front web"
             ),
             {
                 "network": "front",
@@ -111,6 +112,7 @@ def test_network_create(argv: list[str], changes: dict[str, Any]) -> None:
                 "ip6": "fd00:1::9",
                 "alias": ["www", "api"],
                 "mac": "02:42:ac:11:00:02",
+                "publish": ["8080:80", "127.0.0.1::53/udp"],
                 "format": "table",
             },
         ),
@@ -245,6 +247,7 @@ ENDPOINT_KEYS = {
     "IPv4Address",
     "IPv6Address",
     "Aliases",
+    "Ports",
 }
 
 
@@ -307,6 +310,7 @@ def test_network_document_shape() -> None:
         "IPv4Address": "10.20.0.2/24",
         "IPv6Address": "fd00:1::2/64",
         "Aliases": ["www"],
+        "Ports": [],
     }
     assert second["IPv6Address"] == ""
     assert json.loads(json.dumps(document)) == document
@@ -356,6 +360,7 @@ def test_sandbox_document_shape() -> None:
                 "MacAddress": "02:42:ac:11:00:02",
                 "IPv4Address": "10.20.0.2/24",
                 "IPv6Address": "",
+                "Ports": [],
             }
         ],
     }

@@ -83,11 +83,11 @@ def element_sets(commands: str) -> set[str]:
 def test_internal_network_has_internal_element_and_no_masquerade() -> None:
     commands = add_network(INTERNAL)
     assert f'add element {TABLE} internal {{ "nsbrinternal000" }}\n' in commands
-    assert element_sets(commands) == {"bridges", "same_bridge", "internal"}
+    assert element_sets(commands) == {"bridges", "same_bridge", "nets4", "nets6", "internal"}
 
 
 def test_masquerade_false_has_no_masquerade_elements() -> None:
-    assert element_sets(add_network(NO_MASQUERADE)) == {"bridges", "same_bridge"}
+    assert element_sets(add_network(NO_MASQUERADE)) == {"bridges", "same_bridge", "nets4"}
 
 
 def test_masquerade_elements_per_family() -> None:
@@ -110,7 +110,7 @@ def count_rules(commands: str) -> int:
 
 def test_rule_count_is_fixed_regardless_of_networks() -> None:
     base = count_rules(base_ruleset())
-    assert base == 6
+    assert base == 17
     many = [
         NetworkFacts(f"nsbr{n:011x}", (ip_network(f"10.{n}.0.0/24"),), n % 3 == 0, n % 2 == 0)
         for n in range(50)
@@ -125,7 +125,7 @@ def test_base_ruleset_is_idempotent_text() -> None:
     lines = base_ruleset().splitlines()
     flushes = [i for i, line in enumerate(lines) if line.startswith("flush chain")]
     rules = [i for i, line in enumerate(lines) if line.startswith("add rule")]
-    assert len(flushes) == 2
+    assert len(flushes) == 5
     assert max(flushes) < min(rules)
     assert not any(line.startswith(("delete", "flush table", "flush ruleset")) for line in lines)
     assert all(f" {TABLE} " in f" {line} " for line in lines)
@@ -172,6 +172,8 @@ def test_add_then_delete_leaves_other_networks_alone() -> None:
             '"br-nomasq" . "br-nomasq"',
         },
         "internal": {'"nsbrinternal000"'},
+        "nets4": {"10.20.0.0/24", "10.30.0.0/24", "10.40.0.0/16"},
+        "nets6": {"fd00:1::/64", "fd00:3::/64"},
         "masq4": {"10.20.0.0/24"},
         "masq6": {"fd00:1::/64"},
     }
@@ -180,6 +182,7 @@ def test_add_then_delete_leaves_other_networks_alone() -> None:
     assert nft.snapshot() == {
         "bridges": {'"br-nomasq"'},
         "same_bridge": {'"br-nomasq" . "br-nomasq"'},
+        "nets4": {"10.40.0.0/16"},
     }
     with pytest.raises(LookupError):
         nft.run("\n".join(delete_network_commands(INTERNAL)))

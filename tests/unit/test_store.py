@@ -74,15 +74,22 @@ def insert_networks(store: Store, *networks: Network) -> None:
 
 
 def test_schema_version_and_wal(store: Store, tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 1
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert SCHEMA_VERSION == 2
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert (tmp_path / "state.db").is_file()
     tables = {
         row[0] for row in store.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
     }
-    assert {"networks", "sandboxes", "endpoints", "ipam_pools", "ipam_addresses"} <= tables
+    assert {
+        "networks",
+        "sandboxes",
+        "endpoints",
+        "ipam_pools",
+        "ipam_addresses",
+        "port_bindings",
+    } <= tables
 
 
 def test_reopen_keeps_data(tmp_path: Path) -> None:
@@ -90,8 +97,22 @@ def test_reopen_keeps_data(tmp_path: Path) -> None:
     insert_networks(first, make_network())
     first.close()
     again = Store(tmp_path)
-    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert [n.name for n in again.networks()] == ["front"]
+    again.close()
+
+
+def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A database written by schema 1 (no port_bindings) gains the table and keeps its rows."""
+    first = Store(tmp_path)
+    insert_networks(first, make_network())
+    first.conn.execute("DROP TABLE port_bindings")
+    first.conn.execute("PRAGMA user_version=1")
+    first.close()
+    again = Store(tmp_path)
+    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [n.name for n in again.networks()] == ["front"]
+    assert again.all_ports() == []
     again.close()
 
 
@@ -103,12 +124,12 @@ def test_creates_missing_directory(tmp_path: Path) -> None:
 def test_newer_schema_asks_to_upgrade(tmp_path: Path) -> None:
     Store(tmp_path).close()
     conn = sqlite3.connect(tmp_path / "state.db")
-    conn.execute("PRAGMA user_version=2")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(StoreError) as caught:
         Store(tmp_path)
     message = str(caught.value)
-    assert "schema 2 is newer than this netstack (1)" in message
+    assert f"schema {SCHEMA_VERSION + 1} is newer than this netstack ({SCHEMA_VERSION})" in message
     assert "upgrade netstack" in message
 
 
