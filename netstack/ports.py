@@ -75,8 +75,8 @@ def parse_spec(spec: str, host_addresses: Callable[[], Sequence[str]]) -> PortRe
 
     `host_addresses` is called only when the spec names a host IP.
     """
-    rest, _, protocol = spec.partition("/")
-    protocol = protocol.lower() if protocol else "tcp"
+    rest, slash, protocol = spec.partition("/")
+    protocol = protocol.lower() if slash else "tcp"
     if protocol not in PROTOCOLS:
         raise InvalidArgument(f"unknown protocol {protocol!r} in -p {spec!r}: use tcp, udp or sctp")
     host_ip = ""
