@@ -1,6 +1,7 @@
 """netctl: Docker-like verbs for networks and sandboxes.
 
-Exit status: 0 success, 1 a netstack error (one line on stderr), 2 a usage error.
+Exit status: 0 success, 1 a netstack error (one line on stderr), 2 a usage error;
+`netctl status` exits 3 when netstackd is not running.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     disconnect.add_argument("sandbox")
     _add_format(verbs.add_parser("prune", help="remove networks without endpoints"))
 
+    _add_format(top.add_parser("status", help="say whether netstackd runs"))
+
     port = top.add_parser("port", help="list a sandbox's published ports")
     port.add_argument("sandbox")
     _add_format(port)
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` and usage errors stay fast.
     from netstack.cli import commands
 
-    name = args.group if args.group == "port" else f"{args.group}_{args.verb}"
+    name = args.group if args.group in ("port", "status") else f"{args.group}_{args.verb}"
     handler = getattr(commands, name)
     result: int = handler(args)
     return result

@@ -185,3 +185,22 @@ def port(args: argparse.Namespace) -> int:
     bindings = [p for e in controller.store.endpoints(sandbox=sandbox.name) for p in e.ports]
     _emit(args, ports_document(bindings), "\n".join(port_lines(bindings)))
     return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Whether netstackd runs for this run directory (exit 3 when it does not)."""
+    from netstack.daemon.client import DaemonUnavailable, call
+
+    try:
+        info = call("status")
+    except DaemonUnavailable as exc:
+        _emit(args, {"running": False, "reason": str(exc)}, f"netstackd: not running; {exc}")
+        return 3
+    document = {"running": True, **info}
+    _emit(
+        args,
+        document,
+        f"netstackd: running (pid {info['pid']}, version {info['version']}, "
+        f"up {info['uptime']:.0f}s, state {info['state_dir']}, run {info['run_dir']})",
+    )
+    return 0

@@ -1,0 +1,3 @@
+from netstack.daemon.main import main
+
+raise SystemExit(main())

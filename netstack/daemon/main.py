@@ -1,0 +1,119 @@
+"""netstackd entry point: one daemon per state directory, clean shutdown on SIGTERM.
+
+State lives in the store (NETSTACK_STATE_DIR), so a restart loses nothing; runtime files
+(the API socket) live in NETSTACK_RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from netstack import __version__
+from netstack.daemon.api import MAX_REQUEST, Api
+from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
+from netstack.errors import Conflict, NetstackError
+from netstack.store import state_dir
+
+log = logging.getLogger("netstackd")
+
+
+def acquire_lock(directory: Path) -> IO[str]:
+    """Hold an exclusive lock on the state directory for the daemon's lifetime.
+
+    Raises Conflict when another netstackd holds it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise Conflict(
+            f"netstackd already runs for state directory {directory} (pid {holder}); "
+            "stop it first or use another NETSTACK_STATE_DIR"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+class Daemon:
+    """The daemon's parts and their lifetime."""
+
+    def __init__(self, state: Path, runtime: Path) -> None:
+        self.state = state
+        self.runtime = runtime
+        self.started = time.time()
+        self.api = Api()
+        self.api.register("status", self.status)
+        self.stopping = asyncio.Event()
+
+    async def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state_dir": str(self.state),
+            "run_dir": str(self.runtime),
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+    async def run(self) -> None:
+        sock = socket_path()
+        self.runtime.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)  # left by a killed daemon; the lock proves it is dead
+        server = await asyncio.start_unix_server(
+            self.api.serve_connection, path=str(sock), limit=MAX_REQUEST
+        )
+        os.chmod(sock, 0o600)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        log.info("netstackd %s serving on %s (state %s)", __version__, sock, self.state)
+        try:
+            await self.stopping.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+            sock.unlink(missing_ok=True)
+            log.info("netstackd stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netstackd", description="netstack daemon")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        lock = acquire_lock(state_dir())
+    except (NetstackError, OSError) as exc:
+        print(f"netstackd: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(Daemon(state_dir(), run_dir()).run())
+    except OSError as exc:
+        print(f"netstackd: error: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        lock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
