@@ -1,0 +1,353 @@
+"""DNS records of netstack's networks and the lookup that decides what a client may see.
+
+Pure data, no I/O and no dnslib: `build_records` turns the store's networks and endpoints
+into a `Records` table; `Records.lookup` answers one question for one client.
+
+What a client sees (issue 4, Docker's user-defined networks):
+
+- A client is a netstack endpoint, known by its address. Its *scope* is every network its
+  sandbox is joined to (a sandbox on networks A and B resolves names on both, as in Docker).
+  An address that is no endpoint's gets `Refused`: the resolver is never an open resolver.
+- On each network, a sandbox's name and its endpoint's aliases resolve to that endpoint's
+  addresses (A for IPv4, AAAA for IPv6). An alias exists only on the network it was given
+  on. Several endpoints under one name give all their addresses, in connection order,
+  rotated by one position per query (round robin).
+- A network with the option ``dns.domain=D`` also answers ``name.D`` for each name on it.
+- PTR: the reverse name of an endpoint address gives the sandbox name (``name.D`` when the
+  network has a domain), if the client shares that network.
+- Names are compared case-insensitively (ASCII only, RFC 4343), with or without the final dot.
+- netstack's part of the name space: every single-label name, every name at or under a
+  network's domain, and the reverse names of every netstack subnet. A name there that does
+  not exist for this client is `NxDomain` (names on networks the client does not share
+  included); everything else is `NotOurs` and is forwarded upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from netstack.model import Endpoint, IPAddress, IPNetwork, Network
+
+DOMAIN_OPTION = "dns.domain"
+"""The network option naming the network's DNS domain (``netctl network create --opt``)."""
+
+Scope = tuple[str, ...]
+"""The ids of the networks a client may resolve names on, in network order."""
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_V4_REVERSE = ".in-addr.arpa"
+_V6_REVERSE = ".ip6.arpa"
+
+T = TypeVar("T")
+
+
+def fold(name: str) -> str:
+    """A name's lookup key: without the final dot, ASCII letters in lower case."""
+    return name.rstrip(".").translate(_ASCII_LOWER)
+
+
+def reverse_name(address: IPAddress) -> str:
+    """The PTR owner name of an address (``4.3.2.1.in-addr.arpa``, nibbles under ip6.arpa)."""
+    return address.reverse_pointer
+
+
+def parse_reverse_name(name: str) -> IPAddress | None:
+    """The address a folded full-length reverse name stands for, or None if it is not one."""
+    if name.endswith(_V4_REVERSE):
+        octets = name[: -len(_V4_REVERSE)].split(".")
+        if len(octets) != 4:
+            return None
+        try:
+            return ipaddress.IPv4Address(".".join(reversed(octets)))
+        except ValueError:
+            return None
+    if name.endswith(_V6_REVERSE):
+        nibbles = name[: -len(_V6_REVERSE)].split(".")
+        if len(nibbles) != 32 or not all(len(n) == 1 and n in _HEX_DIGITS for n in nibbles):
+            return None
+        return ipaddress.IPv6Address(int("".join(reversed(nibbles)), 16))
+    return None
+
+
+def _client_address(client: str | IPAddress) -> IPAddress | None:
+    """A client address as the kernel reports it, normalised (zone dropped, v4-mapped unwrapped)."""
+    if isinstance(client, str):
+        try:
+            address: IPAddress = ipaddress.ip_address(client.partition("%")[0])
+        except ValueError:
+            return None
+    else:
+        address = client
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+# lookup results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The name exists for this client.
+
+    `addresses` (A/AAAA) or `names` (PTR targets, without the final dot) hold the data of
+    the asked type; both empty means the name exists without data of that type (NODATA).
+    `rotations` is how many distinct orders round robin cycles this answer through
+    (1 when there is nothing to rotate).
+    """
+
+    addresses: tuple[IPAddress, ...] = ()
+    names: tuple[str, ...] = ()
+    rotations: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NxDomain:
+    """The name is in netstack's part of the name space but does not exist for this client."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotOurs:
+    """The name is outside netstack's part of the name space: forward it upstream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The client is no netstack endpoint: it gets no service at all."""
+
+
+LookupResult = Answer | NxDomain | NotOurs | Refused
+
+NXDOMAIN = NxDomain()
+NOT_OURS = NotOurs()
+REFUSED = Refused()
+NODATA = Answer()
+
+
+@dataclass(frozen=True, slots=True)
+class _Addresses:
+    """The addresses one name has on one network."""
+
+    v4: tuple[ipaddress.IPv4Address, ...] = ()
+    v6: tuple[ipaddress.IPv6Address, ...] = ()
+
+
+def _unique(items: Iterable[T]) -> tuple[T, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _rotate(items: tuple[T, ...], step: int) -> tuple[T, ...]:
+    if len(items) < 2:
+        return items
+    k = step % len(items)
+    return items[k:] + items[:k]
+
+
+@dataclass(eq=False)
+class Records:
+    """Every DNS record netstack serves, and which clients may see which network.
+
+    Built by `build_records`; the tables are not changed afterwards (build a new `Records`
+    when the store changes; `generation` tells versions apart, and caches keyed on a
+    `Records` drop everything when they are handed a different one). The only mutable
+    part is the round-robin cursor used by `lookup(..., rotation=None)`.
+    """
+
+    generation: int
+    network_order: tuple[str, ...]
+    names: dict[str, dict[str, _Addresses]]
+    pointers: dict[IPAddress, tuple[tuple[str, str], ...]]
+    subnets: tuple[IPNetwork, ...]
+    domains: frozenset[str]
+    clients: dict[IPAddress, Scope]
+    _client_text: dict[str, Scope] = field(default_factory=dict, repr=False)
+    _cursors: dict[tuple[Scope, str, str], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._client_text.update({str(address): scope for address, scope in self.clients.items()})
+
+    def scope(self, client: str | IPAddress) -> Scope | None:
+        """The networks the client at this address may resolve names on; None if unknown.
+
+        The client is the endpoint owning the query's source address. Accepts the text the
+        socket layer reports (``"10.0.0.2"``, ``"::ffff:10.0.0.2"``, ``"fe80::1%eth0"``).
+        """
+        if isinstance(client, str):
+            scope = self._client_text.get(client)
+            if scope is not None:
+                return scope
+        address = _client_address(client)
+        return None if address is None else self.clients.get(address)
+
+    def lookup(
+        self,
+        client: str | IPAddress | Scope,
+        qname: str,
+        qtype: str,
+        *,
+        rotation: int | None = None,
+    ) -> LookupResult:
+        """Answer one question (`qtype` "A", "AAAA", "PTR", "ANY" or any other type name).
+
+        `client` is the client's address (or a scope from `scope`). Multi-address answers
+        are rotated by `rotation` steps; with None, a cursor per (scope, name, type) advances
+        by one on each call, so successive lookups rotate. Never raises.
+        """
+        scope = client if isinstance(client, tuple) else self.scope(client)
+        if scope is None:
+            return REFUSED
+        name = fold(qname)
+        if not name:
+            return NOT_OURS
+        address = parse_reverse_name(name)
+        if address is not None:
+            return self._lookup_pointer(scope, address, qtype)
+        v4: list[ipaddress.IPv4Address] = []
+        v6: list[ipaddress.IPv6Address] = []
+        found = False
+        for network_id in scope:
+            entry = self.names.get(network_id, {}).get(name)
+            if entry is not None:
+                found = True
+                v4.extend(entry.v4)
+                v6.extend(entry.v6)
+        if found:
+            return self._answer(scope, name, qtype, _unique(v4), _unique(v6), rotation)
+        if name in self.domains:
+            return NODATA
+        if "." not in name or any(name.endswith("." + domain) for domain in self.domains):
+            return NXDOMAIN
+        return NOT_OURS
+
+    def _lookup_pointer(self, scope: Scope, address: IPAddress, qtype: str) -> LookupResult:
+        if not any(address in subnet for subnet in self.subnets):
+            return NOT_OURS
+        targets = _unique(
+            target for network_id, target in self.pointers.get(address, ()) if network_id in scope
+        )
+        if not targets:
+            return NXDOMAIN
+        return Answer(names=targets) if qtype in ("PTR", "ANY") else NODATA
+
+    def _answer(
+        self,
+        scope: Scope,
+        name: str,
+        qtype: str,
+        v4: tuple[ipaddress.IPv4Address, ...],
+        v6: tuple[ipaddress.IPv6Address, ...],
+        rotation: int | None,
+    ) -> Answer:
+        addresses: tuple[IPAddress, ...]
+        if qtype == "A":
+            addresses = v4
+        elif qtype == "AAAA":
+            addresses = v6
+        elif qtype == "ANY":
+            return Answer(addresses=(*v4, *v6))  # not rotated: RFC 8482 lets ANY be minimal
+        else:
+            return NODATA
+        count = len(addresses)
+        if count < 2:
+            return Answer(addresses=addresses)
+        if rotation is None:
+            key = (scope, name, qtype)
+            rotation = self._cursors.get(key, 0)
+            self._cursors[key] = (rotation + 1) % count
+        return Answer(addresses=_rotate(addresses, rotation), rotations=count)
+
+
+def valid_name(name: str) -> bool:
+    """Whether a folded name fits the DNS wire format (labels 1-63 bytes, 253 in all)."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    return len(encoded) <= 253 and all(0 < len(label) <= 63 for label in encoded.split(b"."))
+
+
+def network_domain(network: Network) -> str | None:
+    """The network's DNS domain (option ``dns.domain``), folded; None when unset or invalid."""
+    domain = fold(network.options.get(DOMAIN_OPTION, "").strip())
+    return domain if domain and valid_name(domain) else None
+
+
+def build_records(
+    networks: Sequence[Network], endpoints: Sequence[Endpoint], *, generation: int = 0
+) -> Records:
+    """Build the record table from the store's networks and endpoints (connection order).
+
+    Pure. Endpoints of networks not in `networks` still name their clients' scope but
+    publish no names (the store keeps both consistent; this only matters mid-change).
+    Names that do not fit the wire format (a label over 63 bytes) are left out.
+    """
+    order = [network.id for network in networks]
+    index = {network_id: i for i, network_id in enumerate(order)}
+    domains = {network.id: network_domain(network) for network in networks}
+
+    # Which networks each sandbox is on, and which sandboxes own each address.
+    sandbox_networks: dict[str, set[str]] = {}
+    owners: dict[IPAddress, set[str]] = {}
+    for endpoint in endpoints:
+        sandbox_networks.setdefault(endpoint.sandbox, set()).add(endpoint.network_id)
+        for interface in endpoint.interfaces():
+            owners.setdefault(interface.ip, set()).add(endpoint.sandbox)
+
+    def scope_of(network_ids: set[str]) -> Scope:
+        return tuple(sorted(network_ids, key=lambda n: (index.get(n, len(index)), n)))
+
+    clients: dict[IPAddress, Scope] = {}
+    for address, sandboxes in owners.items():
+        member_of: set[str] = set()
+        for sandbox in sandboxes:
+            member_of |= sandbox_networks[sandbox]
+        clients[address] = scope_of(member_of)
+
+    # Names per network, pointers per address.
+    v4_names: dict[str, dict[str, list[ipaddress.IPv4Address]]] = {n: {} for n in order}
+    v6_names: dict[str, dict[str, list[ipaddress.IPv6Address]]] = {n: {} for n in order}
+    pointers: dict[IPAddress, list[tuple[str, str]]] = {}
+    for endpoint in endpoints:
+        if endpoint.network_id not in index:
+            continue
+        domain = domains[endpoint.network_id]
+        labels = _unique(fold(n) for n in (endpoint.sandbox, *endpoint.aliases))
+        if domain is not None:
+            labels = (*labels, *(f"{label}.{domain}" for label in labels))
+        labels = tuple(label for label in labels if valid_name(label))  # others cannot be asked
+        table4 = v4_names[endpoint.network_id]
+        table6 = v6_names[endpoint.network_id]
+        for label in labels:
+            v4_list = table4.setdefault(label, [])
+            v6_list = table6.setdefault(label, [])
+            if endpoint.ipv4 is not None:
+                v4_list.append(endpoint.ipv4.ip)
+            if endpoint.ipv6 is not None:
+                v6_list.append(endpoint.ipv6.ip)
+        target = endpoint.sandbox.rstrip(".")
+        if domain is not None:
+            target = f"{target}.{domain}"
+        if not valid_name(fold(target)):
+            continue
+        for interface in endpoint.interfaces():
+            pointers.setdefault(interface.ip, []).append((endpoint.network_id, target))
+
+    names = {
+        network_id: {
+            label: _Addresses(_unique(v4_names[network_id][label]), _unique(v6_list))
+            for label, v6_list in v6_names[network_id].items()
+        }
+        for network_id in order
+    }
+    subnets = _unique(pool.subnet for network in networks for pool in network.pools)
+    return Records(
+        generation=generation,
+        network_order=tuple(order),
+        names=names,
+        pointers={address: tuple(targets) for address, targets in pointers.items()},
+        subnets=subnets,
+        domains=frozenset(d for d in domains.values() if d is not None),
+        clients=clients,
+    )
