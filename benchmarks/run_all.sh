@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every netstack benchmark: `run_all.sh` (full, several minutes) or `run_all.sh --quick`
-# (smoke mode, well under a minute, what CI may run). Exit status: the first failure's.
-# Needs root: connect_scaling works inside throwaway network namespaces nst-bench-<pid>*.
+# (smoke mode, each script < 30 s, about a minute in all; what CI may run). Exit status: the
+# first failure's.
+# Needs root: connect_scaling, publish_scaling and iperf_dnat work inside throwaway network
+# namespaces nst-bench-<pid>* (iperf_dnat also needs iperf3).
 set -u -o pipefail
 case "${1:-}" in
   "" | --quick) ;;
@@ -10,7 +12,7 @@ esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py=${PYTHON:-python3}
 rc=0
-for bench in ipam_fill connect_scaling; do
+for bench in ipam_fill connect_scaling publish_scaling iperf_dnat; do
   echo "=== $bench ${1:-}"
   "$py" "$here/$bench.py" ${1:+"$1"} || { r=$?; echo "=== $bench FAILED (rc=$r)"; [ "$rc" = 0 ] && rc=$r; }
   echo

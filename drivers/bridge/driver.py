@@ -157,8 +157,7 @@ class BridgeDriver:
             return
         ipv4, ipv6 = _addresses(endpoint)
         self.nft.run(firewall.publish_commands(endpoint.ports, ipv4, ipv6))
-        for binding in endpoint.ports:
-            conntrack.forget_host_port(binding.protocol, binding.host_port)
+        conntrack.forget_host_ports((b.protocol, b.host_port) for b in endpoint.ports)
 
     def revoke_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
         """Unpublish the endpoint's ports and drop the flows translated to them. Idempotent."""
@@ -166,10 +165,12 @@ class BridgeDriver:
             return
         ipv4, ipv6 = _addresses(endpoint)
         self._run_each(firewall.unpublish_commands(endpoint.ports, ipv4, ipv6))
-        for binding in endpoint.ports:
-            for address in (ipv4, ipv6):
-                if address is not None:
-                    conntrack.forget_destination(binding.protocol, address, binding.container_port)
+        conntrack.forget_destinations(
+            (binding.protocol, address, binding.container_port)
+            for binding in endpoint.ports
+            for address in (ipv4, ipv6)
+            if address is not None
+        )
 
 
 def _addresses(endpoint: Endpoint) -> tuple[str | None, str | None]:

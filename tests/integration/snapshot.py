@@ -22,6 +22,7 @@ STORE_TABLES = {
     # The allocation cursor may legitimately move; the pool rows themselves may not.
     "ipam_pools": "id, network_id, subnet, version, first, last",
     "ipam_addresses": "pool_id, address, owner",
+    "port_bindings": "endpoint_id, protocol, host_ip, host_port, container_port",
 }
 NETSTACK_LINK_PREFIXES = ("nsbr", "nsv", "nsp")
 

@@ -10,6 +10,7 @@ routes, nftables elements and the sandboxes' interfaces exactly as they were.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -283,6 +284,7 @@ def test_rm_force_removes_everything(host: Host) -> None:
         "sandboxes": 2,
         "ipam_pools": 1,
         "ipam_addresses": 2,
+        "port_bindings": 0,
     }
     assert [link["ifname"] for link in host.sandbox_ip_json(one, "link")] == ["lo"]
     assert sorted(link["ifname"] for link in host.sandbox_ip_json(two, "link")) == ["eth1", "lo"]
@@ -299,6 +301,7 @@ def test_rm_force_removes_everything(host: Host) -> None:
         "sandboxes": 2,
         "ipam_pools": 0,
         "ipam_addresses": 0,
+        "port_bindings": 0,
     }
     # The name, subnet and bridge name are free again.
     host.netctl("network", "create", "--subnet", "10.51.0.0/24", "-o", "bridge.name=nsbrforce",
@@ -337,7 +340,13 @@ def test_sandbox_namespace_gone(host: Host, base: dict[str, str]) -> None:
     """A sandbox whose namespace vanished is refused for connect; rm --force still cleans up."""
     gone = host.sandbox("gone")
     host.netctl("network", "connect", "base", gone)
+    veths = {name for name in netstack_links(host.links()) if name.startswith("nsv")}
     host.run("ip", "netns", "delete", gone)  # behind netstack's back; takes the veth with it
+    # The kernel dismantles a deleted namespace asynchronously: wait until the veth is gone.
+    deadline = time.monotonic() + 15
+    while {n for n in netstack_links(host.links()) if n.startswith("nsv")} == veths:
+        assert time.monotonic() < deadline, "the deleted sandbox's veth never went away"
+        time.sleep(0.05)
     before = snapshot(host, list(base.values()))
 
     refused = host.netctl("network", "connect", "base", gone, check=False)

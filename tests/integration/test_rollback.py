@@ -9,6 +9,7 @@ Then the same command without the fault succeeds, which proves nothing stale blo
 from __future__ import annotations
 
 import ipaddress
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -38,6 +39,7 @@ CONNECT_FAULTS = [
     "connect:after-address",
     "connect:after-veth",
     "connect:after-join",
+    "connect:after-ports",
     "connect:before-store",
 ]
 
@@ -165,3 +167,59 @@ def test_connect_fault_rolls_back(host: Host, point: str, dual_stack: bool) -> N
     assert counts["endpoints"] == 3
     # Gateways (2, or 3 with IPv6) + 3 endpoint addresses (+ 2 IPv6 on "second").
     assert counts["ipam_addresses"] == (8 if dual_stack else 5)
+
+
+def port_binding_rows(host: Host) -> list[tuple[Any, ...]]:
+    """Every port_bindings row (the shared snapshot's store rows do not include them)."""
+    conn = sqlite3.connect(host.state_dir / "state.db", timeout=30)
+    try:
+        return sorted(conn.execute("SELECT * FROM port_bindings").fetchall())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4", "dual-stack"])
+@pytest.mark.parametrize("point", ["connect:after-ports", "connect:before-store"])
+def test_connect_with_ports_fault_rolls_back(host: Host, point: str, dual_stack: bool) -> None:
+    """A fault after the ports are published (`-p 8080:80`) leaves no map element, no
+    port_bindings row, no endpoint row and no link; an existing mapping survives."""
+    v6 = ("--ipv6", "--subnet", "fd00:74::/64") if dual_stack else ()
+    host.netctl("network", "create", "--subnet", "10.74.0.0/24", *v6, "pub")
+    keep = host.sandbox("keep")
+    target = host.sandbox("target")
+    host.netctl("network", "connect", "-p", "9090:90/udp", "pub", keep)
+    sandboxes = [keep, target]
+    kernel_before = kernel_state(host, sandboxes)
+    rules_before = nft_rule_counts(host)
+    store_before = store_rows(host.state_dir)
+    ports_before = port_binding_rows(host)
+    assert len(ports_before) == 1
+    maps_before = {k: v for k, v in kernel_before["nft elements"].items() if " pub" in k}
+    assert maps_before, kernel_before["nft elements"]
+    command = ["network", "connect", "-p", "8080:80", "-p", "7000-7001:70-71/udp", "pub", target]
+
+    failed = host.netctl(*command, env={"NETSTACK_FAULT": point}, check=False)
+
+    assert_error(failed, 1, point)
+    kernel_after = kernel_state(host, sandboxes)
+    assert not leftovers(kernel_after["host links"], kernel_before["host links"])
+    assert [link["ifname"] for link in host.sandbox_ip_json(target, "link")] == ["lo"]
+    assert_unchanged(kernel_before, kernel_after)  # nft map elements included
+    assert_rules_not_grown(rules_before, nft_rule_counts(host))
+    assert store_rows(host.state_dir) == store_before
+    assert port_binding_rows(host) == ports_before
+    assert host.netctl_json("port", target) == []
+
+    # The same host ports are free again: the command now succeeds.
+    host.netctl(*command)
+    assert [(p["HostPort"], p["Protocol"]) for p in host.netctl_json("port", target)] == [
+        (8080, "tcp"),
+        (7000, "udp"),
+        (7001, "udp"),
+    ]
+    assert len(port_binding_rows(host)) == 4
+    pub = {k: len(v) for k, v in nft_elements(host).items() if " pub" in k}
+    expected = {"inet netstack pub4_any": 4}
+    if dual_stack:
+        expected["inet netstack pub6_any"] = 4
+    assert pub == expected
