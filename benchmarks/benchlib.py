@@ -253,7 +253,11 @@ def sweep_stale() -> list[str]:
 
 
 def netctl_command() -> list[str]:
-    """netctl as users run it: the installed console script, else `python -m netstack.cli`."""
+    """netctl as users run it: the console script installed with this interpreter (a venv's
+    own first), else the one on PATH, else `python -m netstack.cli`."""
+    beside = Path(sys.executable).with_name("netctl")
+    if beside.exists():
+        return [str(beside)]
     found = shutil.which("netctl")
     return [found] if found else [sys.executable, "-m", "netstack.cli"]
 

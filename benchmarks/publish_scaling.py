@@ -24,7 +24,7 @@ every point (exit status 1 if not); the DNAT map elements are counted and checke
 In-process, at each point (helper processes in the main and the fresh host, alternated):
 `Store.all_ports()`, `ports.assign()`, the controller's whole port reservation
 (BEGIN IMMEDIATE; all_ports; assign with sockets.bound_ports; COMMIT),
-`sockets.bound_ports()`, `conntrack.forget_host_port()`, and one DNAT map element added and
+`sockets.bound_ports()`, `conntrack.forget_host_ports()`, and one DNAT map element added and
 deleted through libnftables (a new context per command, as a CLI process has, and a reused
 one), to show where any growth comes from.
 
@@ -86,8 +86,8 @@ MICRO_OPS = (
     ("assign", "ports.assign(1 request, existing)"),
     ("reserve", "reservation txn: all_ports+assign+bound_ports"),
     ("bound_ports", "sockets.bound_ports('tcp')"),
-    ("conntrack", "conntrack.forget_host_port (v4+v6 dumps)"),
-    ("conntrack_dst", "conntrack.forget_destination (1 dump)"),
+    ("conntrack", "conntrack.forget_host_ports (v4+v6 dumps)"),
+    ("conntrack_dst", "conntrack.forget_destinations (1 dump)"),
     ("nft_add_new", "nft add element, new context (+close)"),
     ("nft_del_new", "nft delete element, new context (+close)"),
     ("nft_add", "nft add element, reused context"),
@@ -196,8 +196,8 @@ def micro(reps: int) -> None:
         timed("assign", lambda found=found: ports.assign([request], found, lambda _p: set()))
         timed("reserve", reserve)
         timed("bound_ports", lambda: sockets.bound_ports("tcp"))
-        timed("conntrack", lambda: conntrack.forget_host_port("tcp", MICRO_PORT))
-        timed("conntrack_dst", lambda: conntrack.forget_destination("tcp", MICRO_TARGET, 80))
+        timed("conntrack", lambda: conntrack.forget_host_ports([("tcp", MICRO_PORT)]))
+        timed("conntrack_dst", lambda: conntrack.forget_destinations([("tcp", MICRO_TARGET, 80)]))
         timed("nft_add_new", lambda: new_context(add))
         timed("nft_del_new", lambda: new_context(delete))
         timed("nft_add", lambda: reused.run(add))
@@ -263,14 +263,14 @@ _PROFILE_ROWS = [
         "drivers/bridge/driver.py",
         "program_external_connectivity",
     ),
-    ("      conntrack.forget_host_port", "netstack/kernel/conntrack.py", "forget_host_port"),
+    ("      conntrack.forget_host_ports", "netstack/kernel/conntrack.py", "forget_host_ports"),
     ("  Controller.disconnect", "netstack/controller.py", "disconnect"),
     (
         "    revoke_external_connectivity",
         "drivers/bridge/driver.py",
         "revoke_external_connectivity",
     ),
-    ("      conntrack.forget_destination", "netstack/kernel/conntrack.py", "forget_destination"),
+    ("      conntrack.forget_destinations", "netstack/kernel/conntrack.py", "forget_destinations"),
     ("    BridgeDriver.delete_endpoint", "drivers/bridge/driver.py", "delete_endpoint"),
     ("  Nftables.run (all calls)", "netstack/kernel/nftables.py", "run"),
     ("  pyroute2 netns socket (fork)", "pyroute2/netns/__init__.py", "create_socket"),
