@@ -32,6 +32,17 @@ def port_lines(ports: Sequence[PortBinding]) -> list[str]:
     return lines
 
 
+def _interface_fields(endpoint: Endpoint) -> dict[str, Any]:
+    """What both inspect documents show of an endpoint's interface."""
+    return {
+        "Interface": endpoint.interface,
+        "MacAddress": endpoint.mac,
+        "IPv4Address": "" if endpoint.ipv4 is None else str(endpoint.ipv4),
+        "IPv6Address": "" if endpoint.ipv6 is None else str(endpoint.ipv6),
+        "Ports": ports_document(endpoint.ports),
+    }
+
+
 def network_document(network: Network, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
     """`network inspect --format json` for one network (Docker's field names)."""
     config = []
@@ -60,12 +71,8 @@ def network_document(network: Network, endpoints: Sequence[Endpoint]) -> dict[st
                 "EndpointID": e.id,
                 "Name": e.name,
                 "Sandbox": e.sandbox,
-                "Interface": e.interface,
-                "MacAddress": e.mac,
-                "IPv4Address": "" if e.ipv4 is None else str(e.ipv4),
-                "IPv6Address": "" if e.ipv6 is None else str(e.ipv6),
+                **_interface_fields(e),
                 "Aliases": list(e.aliases),
-                "Ports": ports_document(e.ports),
             }
             for e in endpoints
         ],
@@ -79,15 +86,7 @@ def sandbox_document(sandbox: Sandbox, endpoints: Sequence[tuple[Endpoint, str]]
         "Path": sandbox.path,
         "Created": sandbox.created,
         "Endpoints": [
-            {
-                "Network": network_name,
-                "EndpointID": e.id,
-                "Interface": e.interface,
-                "MacAddress": e.mac,
-                "IPv4Address": "" if e.ipv4 is None else str(e.ipv4),
-                "IPv6Address": "" if e.ipv6 is None else str(e.ipv6),
-                "Ports": ports_document(e.ports),
-            }
+            {"Network": network_name, "EndpointID": e.id, **_interface_fields(e)}
             for e, network_name in endpoints
         ],
     }
