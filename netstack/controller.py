@@ -29,15 +29,16 @@ from netstack.store import Store, now
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# 63: a name is also a DNS label (sandbox names and aliases are resolvable).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
 def validate_name(name: str, what: str) -> str:
-    """Names: 1-64 characters, starting alphanumeric, then letters, digits, '_', '.', '-'."""
+    """Names: 1-63 characters, starting alphanumeric, then letters, digits, '_', '.', '-'."""
     if not _NAME.fullmatch(name):
         raise InvalidArgument(
-            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+            f"invalid {what} name {name!r}: use 1-63 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
         )
     return name

@@ -145,21 +145,21 @@ def test_pool_request_errors(fields: dict[str, list[str]], message: str) -> None
 
 
 @pytest.mark.parametrize(
-    "name", ["a", "7", "web", "my-net_1.0", "Frontend", "a" * 64, "1.2.3.4", "a--b..c__"]
+    "name", ["a", "7", "web", "my-net_1.0", "Frontend", "a" * 63, "1.2.3.4", "a--b..c__"]
 )
 def test_valid_names(name: str) -> None:
     assert validate_name(name, "network") == name
 
 
 @pytest.mark.parametrize(
-    "name", ["", "-web", ".web", "_web", "a" * 65, "my net", "a/b", "a:b", "wéb", "web!"]
+    "name", ["", "-web", ".web", "_web", "a" * 64, "my net", "a/b", "a:b", "wéb", "web!"]
 )
 def test_invalid_names(name: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         validate_name(name, "sandbox")
     message = str(caught.value)
     assert message.startswith(f"invalid sandbox name {name!r}:")
-    assert "1-64" in message
+    assert "1-63" in message
 
 
 # parse_key_values -------------------------------------------------------------------------
