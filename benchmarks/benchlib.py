@@ -24,11 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 NETNS_DIR = Path("/run/netns")
 # The test suite's owner files (tests/conftest.py): a pytest session sweeps every nst-*
@@ -420,3 +420,19 @@ class BenchHost:
 
     def link_count(self) -> int:
         return len(json.loads(self.run("ip", "-j", "link", "show").stdout or "[]"))
+
+
+def run_main(name: str, main: Callable[[], int]) -> NoReturn:
+    """Run a benchmark's main: exit 130 on Ctrl-C, 1 with one error line on a failed command.
+
+    Clean-up is each benchmark's own (context managers and signal handlers) and has run by
+    the time these exceptions arrive here.
+    """
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("# interrupted; what the benchmark made has been removed", file=sys.stderr)
+        sys.exit(130)
+    except CommandFailed as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(1)

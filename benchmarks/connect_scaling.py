@@ -54,6 +54,7 @@ from benchlib import (
     metric,
     need_root,
     ratio,
+    run_main,
     say,
 )
 
@@ -495,11 +496,4 @@ def report(
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("# interrupted; namespaces and temp files removed", file=sys.stderr)
-        sys.exit(130)
-    except CommandFailed as exc:
-        print(f"connect_scaling: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main("connect_scaling", main)

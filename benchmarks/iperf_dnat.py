@@ -51,6 +51,7 @@ from benchlib import (
     metric,
     need_root,
     ratio,
+    run_main,
     say,
 )
 
@@ -362,11 +363,4 @@ def report(results: dict[str, PathResult], runs: int, check: str, conditions: Ru
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("# interrupted; namespaces, processes and temp files removed", file=sys.stderr)
-        sys.exit(130)
-    except CommandFailed as exc:
-        print(f"iperf_dnat: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main("iperf_dnat", main)

@@ -59,6 +59,7 @@ from benchlib import (
     metric,
     need_root,
     ratio,
+    run_main,
     say,
 )
 
@@ -623,11 +624,4 @@ def report(
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("# interrupted; namespaces and temp files removed", file=sys.stderr)
-        sys.exit(130)
-    except CommandFailed as exc:
-        print(f"publish_scaling: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main("publish_scaling", main)
