@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-from ipaddress import ip_address, ip_interface, ip_network
+from ipaddress import ip_address, ip_interface
 
 import pytest
+from dns_builders import endpoint, network
 from netstack.dns.records import (
     NODATA,
     Answer,
@@ -19,35 +19,10 @@ from netstack.dns.records import (
     reverse_name,
 )
 
-from netstack.model import Endpoint, Network, PoolConfig
-
 # Two networks:
 #   front (10.1.0.0/24, fd00:1::/64, dns.domain=corp.test): web1, web2 (alias "web"), app
 #   back  (10.2.0.0/24): db (alias "database"), app (alias "api")
 # plus "lonely" (10.3.0.0/24) with one sandbox "solo" and nothing shared.
-
-
-def network(network_id: str, name: str, *subnets: str, **options: str) -> Network:
-    pools = [PoolConfig(ip_network(subnet)) for subnet in subnets]
-    return Network(network_id, name, "bridge", pools, options=dict(options))
-
-
-def endpoint(
-    endpoint_id: str,
-    network_id: str,
-    sandbox: str,
-    ipv4: str | None = None,
-    ipv6: str | None = None,
-    aliases: tuple[str, ...] = (),
-) -> Endpoint:
-    return Endpoint(
-        endpoint_id,
-        network_id,
-        sandbox,
-        ipv4=ipaddress.IPv4Interface(ipv4) if ipv4 else None,
-        ipv6=ipaddress.IPv6Interface(ipv6) if ipv6 else None,
-        aliases=list(aliases),
-    )
 
 
 NETWORKS = [

@@ -13,6 +13,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from dns_builders import endpoint as make_endpoint
+from dns_builders import network
 from dnslib import EDNS0, QTYPE, RCODE, DNSQuestion, DNSRecord
 from netstack.dns import cache as cache_module
 from netstack.dns.cache import ReplyCache
@@ -35,39 +37,14 @@ from netstack.dns.resolver import (
     truncate,
 )
 
-from netstack.model import Endpoint, Network, PoolConfig
-
 WEB1, WEB2, DB, APP = "10.1.0.2", "10.1.0.3", "10.2.0.2", "10.1.0.4"
 STRANGER = "192.0.2.1"
 MANY = 60  # endpoints behind the alias "many": about 1000 bytes of A records
 
 
-def make_network(network_id: str, *subnets: str, **options: str) -> Network:
-    pools = [PoolConfig(ipaddress.ip_network(subnet)) for subnet in subnets]
-    return Network(network_id, network_id, "bridge", pools, options=dict(options))
-
-
-def make_endpoint(
-    endpoint_id: str,
-    network_id: str,
-    sandbox: str,
-    ipv4: str,
-    ipv6: str | None = None,
-    aliases: tuple[str, ...] = (),
-) -> Endpoint:
-    return Endpoint(
-        endpoint_id,
-        network_id,
-        sandbox,
-        ipv4=ipaddress.IPv4Interface(ipv4),
-        ipv6=ipaddress.IPv6Interface(ipv6) if ipv6 else None,
-        aliases=list(aliases),
-    )
-
-
 NETWORKS = [
-    make_network("front", "10.1.0.0/24", "fd00:1::/64", **{"dns.domain": "corp.test"}),
-    make_network("back", "10.2.0.0/24"),
+    network("front", "front", "10.1.0.0/24", "fd00:1::/64", **{"dns.domain": "corp.test"}),
+    network("back", "back", "10.2.0.0/24"),
 ]
 BASE_ENDPOINTS = [
     make_endpoint("e1", "front", "web1", "10.1.0.2/24", "fd00:1::2/64", aliases=("web",)),
