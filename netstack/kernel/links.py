@@ -7,7 +7,6 @@ import ipaddress
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -44,39 +43,6 @@ def _add_addresses(ipr: IPRoute, index: int, addresses: Sequence[IPInterface]) -
             prefixlen=iface.network.prefixlen,
             flags=IFA_F_NODAD if iface.version == 6 else 0,
         )
-
-
-@dataclass(frozen=True)
-class LinkInfo:
-    """What netstack needs to know about an existing link."""
-
-    name: str
-    index: int
-    kind: str
-    mac: str
-
-
-def list_links(namespace: str | None = None) -> list[LinkInfo]:
-    """Every link in this namespace (or the named one)."""
-    with _ipr(namespace) as ipr, netlink_errors("listing links"):
-        result = []
-        for msg in ipr.get_links():
-            info = msg.get("IFLA_LINKINFO")
-            kind = info.get("IFLA_INFO_KIND") if info is not None else None
-            result.append(
-                LinkInfo(
-                    name=str(msg.get("IFLA_IFNAME")),
-                    index=int(msg["index"]),
-                    kind=str(kind or ""),
-                    mac=str(msg.get("IFLA_ADDRESS") or ""),
-                )
-            )
-        return result
-
-
-def link_exists(name: str, namespace: str | None = None) -> bool:
-    with _ipr(namespace) as ipr:
-        return _index(ipr, name) is not None
 
 
 def bring_up_loopback(namespace: str) -> None:
@@ -143,13 +109,6 @@ def create_veth(
             # hairpin: a sandbox reaching its own published port through the host
             ipr.brport("set", index=index, mode=1, isolated=int(isolated))
             ipr.link("set", index=index, state="up")
-
-
-def set_master(name: str, master: str | None) -> None:
-    """Attach a link to a bridge (or detach it with None)."""
-    with _ipr() as ipr, netlink_errors(f"setting master of {name}"):
-        master_index = 0 if master is None else _index(ipr, master)
-        ipr.link("set", index=_index(ipr, name), master=master_index)
 
 
 _ETH = re.compile(r"eth(\d+)$")
@@ -222,21 +181,6 @@ def ensure_default_routes(namespace: str, ifname: str, gateways: Sequence[IPAddr
         index = _index(ipr, ifname)
         if index is not None:
             _ensure_default_routes(ipr, index, gateways)
-
-
-def addresses_of(ifname: str, namespace: str | None = None) -> list[IPInterface]:
-    """Global addresses on a link (for checks and tests)."""
-    with _ipr(namespace) as ipr:
-        index = _index(ipr, ifname)
-        if index is None:
-            return []
-        result: list[IPInterface] = []
-        for msg in ipr.get_addr(index=index):
-            if msg["scope"] != 0:
-                continue
-            text = f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"
-            result.append(ipaddress.ip_interface(text))
-        return result
 
 
 def host_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
