@@ -13,7 +13,7 @@ import ipaddress
 import sqlite3
 from dataclasses import dataclass
 
-from netstack.ipam.pools import PoolSpec, address_from_int
+from netstack.ipam.pools import PoolSpec, address_from_int, is_host_address
 
 from netstack.errors import Conflict, Exhausted, InvalidArgument
 from netstack.model import IPAddress, IPNetwork
@@ -157,9 +157,7 @@ class AddressAllocator:
         """
         version = pool.subnet.version
         if preferred is not None:
-            low = int(pool.subnet.network_address) + 1
-            high = int(pool.subnet.broadcast_address) - (1 if version == 4 else 0)
-            if preferred.version != version or not low <= int(preferred) <= high:
+            if not is_host_address(pool.subnet, preferred):
                 raise InvalidArgument(
                     f"address {preferred} is not a usable address of subnet {pool.subnet}"
                 )

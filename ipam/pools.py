@@ -23,7 +23,7 @@ class PoolSpec:
     @property
     def first(self) -> int:
         """Lowest address handed out dynamically."""
-        low = int(self.subnet.network_address) + 1
+        low = host_bounds(self.subnet)[0]
         if self.ip_range is not None:
             low = max(low, int(self.ip_range.network_address))
         return low
@@ -31,19 +31,26 @@ class PoolSpec:
     @property
     def last(self) -> int:
         """Highest address handed out dynamically."""
-        high = int(self.subnet.broadcast_address)
-        if self.subnet.version == 4:
-            high -= 1  # the broadcast address
+        high = host_bounds(self.subnet)[1]
         if self.ip_range is not None:
             high = min(high, int(self.ip_range.broadcast_address))
         return high
 
     def usable(self, address: IPAddress) -> bool:
-        """Whether `address` may be given to an endpoint (inside the subnet, not reserved)."""
-        value = int(address)
-        low = int(self.subnet.network_address) + 1
-        high = int(self.subnet.broadcast_address) - (1 if self.subnet.version == 4 else 0)
-        return address.version == self.subnet.version and low <= value <= high
+        """Whether `address` is a host address of the subnet (see is_host_address)."""
+        return is_host_address(self.subnet, address)
+
+
+def host_bounds(subnet: IPNetwork) -> tuple[int, int]:
+    """Lowest and highest host address: not the network address, nor IPv4's broadcast."""
+    high = int(subnet.broadcast_address) - (1 if subnet.version == 4 else 0)
+    return int(subnet.network_address) + 1, high
+
+
+def is_host_address(subnet: IPNetwork, address: IPAddress) -> bool:
+    """Whether `address` may be given to an endpoint of `subnet` (reservations aside)."""
+    low, high = host_bounds(subnet)
+    return address.version == subnet.version and low <= int(address) <= high
 
 
 def address_from_int(value: int, version: int) -> IPAddress:
@@ -81,10 +88,9 @@ def make_pool_spec(
         raise InvalidArgument(f"subnet {subnet} is too small: use a /30 or larger IPv4 subnet")
     if subnet.version == 6 and subnet.prefixlen > 126:
         raise InvalidArgument(f"subnet {subnet} is too small: use a /126 or larger IPv6 subnet")
-    probe = PoolSpec(subnet, subnet.network_address, ip_range, aux)
     if gateway is None:
         gateway = address_from_int(int(subnet.network_address) + 1, subnet.version)
-    elif gateway.version != subnet.version or not probe.usable(gateway):
+    elif not is_host_address(subnet, gateway):
         raise InvalidArgument(
             f"gateway {gateway} is not a usable address of subnet {subnet}; "
             "choose a --gateway inside the subnet"
@@ -102,7 +108,7 @@ def make_pool_spec(
                 f"aux-addresses {seen[address]} and {name} are both {address}; give each its own"
             )
         seen[address] = name
-        if address.version != subnet.version or not probe.usable(address):
+        if not is_host_address(subnet, address):
             raise InvalidArgument(
                 f"aux-address {name}={address} is not a usable address of subnet {subnet}"
             )
