@@ -46,9 +46,11 @@ class _Rotating:
 
     __slots__ = ("cursor", "store", "variants")
 
-    def __init__(self, first: bytes, count: int, store: bool) -> None:
-        self.variants: list[bytes | None] = [first if store else None] + [None] * (count - 1)
-        self.cursor = 1 % count
+    def __init__(self, first: bytes, step: int, count: int, store: bool) -> None:
+        self.variants: list[bytes | None] = [None] * count
+        if store:
+            self.variants[step] = first
+        self.cursor = (step + 1) % count
         self.store = store
 
 
@@ -112,14 +114,16 @@ class ReplyCache:
     def _miss(
         self, key: _Key, query: bytes, scope: Scope, records: Records, tcp: bool
     ) -> bytes | Forward | None:
-        result = resolve(query, scope, records, max_udp=self.max_udp, tcp=tcp, rotation=0)
+        # The records' own cursor picks the first order, so clients whose queries never
+        # repeat byte for byte (a fresh EDNS cookie each time, as dig sends) still rotate.
+        result = resolve(query, scope, records, max_udp=self.max_udp, tcp=tcp)
         if not isinstance(result, Reply) or not result.cacheable:
             return _wire(result)
         if len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
         if result.rotations > 1:
             store = result.rotations <= MAX_STORED_ROTATIONS
-            self._entries[key] = _Rotating(result.wire, result.rotations, store)
+            self._entries[key] = _Rotating(result.wire, result.step, result.rotations, store)
         else:
             self._entries[key] = result.wire
         return result.wire

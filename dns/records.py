@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from netstack.model import Endpoint, IPAddress, IPNetwork, Network
+from netstack.network_options import DNS_DOMAIN
 
-DOMAIN_OPTION = "dns.domain"
+DOMAIN_OPTION = DNS_DOMAIN
 """The network option naming the network's DNS domain (``netctl network create --opt``)."""
 
 Scope = tuple[str, ...]
@@ -98,12 +99,13 @@ class Answer:
     `addresses` (A/AAAA) or `names` (PTR targets, without the final dot) hold the data of
     the asked type; both empty means the name exists without data of that type (NODATA).
     `rotations` is how many distinct orders round robin cycles this answer through
-    (1 when there is nothing to rotate).
+    (1 when there is nothing to rotate); `step` is the order this answer is in.
     """
 
     addresses: tuple[IPAddress, ...] = ()
     names: tuple[str, ...] = ()
     rotations: int = 1
+    step: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +261,8 @@ class Records:
             key = (scope, name, qtype)
             rotation = self._cursors.get(key, 0)
             self._cursors[key] = (rotation + 1) % count
-        return Answer(addresses=_rotate(addresses, rotation), rotations=count)
+        step = rotation % count
+        return Answer(addresses=_rotate(addresses, step), rotations=count, step=step)
 
 
 def valid_name(name: str) -> bool:

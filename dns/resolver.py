@@ -101,7 +101,8 @@ class Reply:
     """A reply netstack built itself, with what a reply cache needs to know about it.
 
     `rotations` is the number of round-robin orders of this answer (the `rotation` values
-    0..rotations-1 give different bytes); `cacheable` is False for replies that depend on
+    0..rotations-1 give different bytes) and `step` the one these bytes are in;
+    `cacheable` is False for replies that depend on
     more than (client scope, query bytes after the id, records), or that strangers could
     use to fill a cache.
     """
@@ -109,6 +110,7 @@ class Reply:
     wire: bytes
     rotations: int = 1
     cacheable: bool = False
+    step: int = 0
 
 
 def type_name(qtype: int) -> str:
@@ -213,7 +215,9 @@ def _resolve(
         message, NOERROR, max_udp=max_udp, udp_size=udp_size, tcp=tcp, aa=True, answers=answers
     )
     truncated = bool(wire[2] & (_TC >> 8))  # no answers left to rotate
-    return Reply(wire, rotations=1 if truncated else result.rotations, cacheable=True)
+    if truncated:
+        return Reply(wire, cacheable=True)
+    return Reply(wire, rotations=result.rotations, cacheable=True, step=result.step)
 
 
 def _resource_records(qname: Any, result: Answer) -> list[Any]:

@@ -18,13 +18,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from netstack import faults, ports
+from netstack import faults, network_options, ports
 from netstack.drivers.api import NetworkDriver
 from netstack.errors import Conflict, InUse, InvalidArgument, KernelError, NetstackError, NotFound
 from netstack.ipam import AddressAllocator, choose_default_pool, default_ipv6_pool, make_pool_spec
 from netstack.ipam.pools import parse_address, parse_network
 from netstack.kernel import links, netns, sockets
 from netstack.model import Endpoint, IPAddress, IPNetwork, Network, PoolConfig, Sandbox
+from netstack.resolvconf import sandbox_resolv_conf
 from netstack.store import Store, now
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,11 @@ class Controller:
         validate_name(request.name, "network")
         driver = self.driver(request.driver)
         network_id = secrets.token_hex(32)
-        options = driver.validate_options(request.options, network_id)
+        own, driver_keys = network_options.split(request.options)
+        options = {
+            **driver.validate_options(driver_keys, network_id),
+            **network_options.validate(own),
+        }
         requested = pool_requests(request)
         enable_ipv6 = request.ipv6 or any(p.subnet.version == 6 for p in requested)
         with ExitStack() as undo:
@@ -363,6 +368,7 @@ class Controller:
                 self.store.update_endpoint_interface(conn, endpoint.id, endpoint.interface)
             faults.checkpoint("connect:before-store")
             undo.pop_all()
+        self._write_resolv_conf(sandbox.name)
         log.info(
             "network=%s sandbox=%s endpoint=%s connected as %s",
             network.id[:12],
@@ -465,6 +471,7 @@ class Controller:
                 failures.append(exc)
         self._forget_endpoint(endpoint.id)
         self._repair_default_routes(endpoint.sandbox)
+        self._write_resolv_conf(endpoint.sandbox)
         if failures:
             raise failures[0]
         log.info(
@@ -489,6 +496,26 @@ class Controller:
             except NetstackError as exc:  # best effort: a concurrent disconnect may race us
                 log.warning("sandbox=%s default route not repaired: %s", sandbox_name, exc)
 
+    def _write_resolv_conf(self, sandbox_name: str) -> None:
+        """Point the sandbox's resolv.conf at its networks' gateways, where netstackd answers.
+
+        Best effort (a warning, not a failure: connectivity does not depend on it). Rewrites
+        are serialised and read the store inside the lock, so the last one to run sees
+        every committed connect and disconnect.
+        """
+        if not netns.exists(sandbox_name) or self.store.find_sandbox(sandbox_name) is None:
+            return
+        try:
+            with netns.locked_etc(sandbox_name):
+                networks = [
+                    network
+                    for endpoint in self.store.endpoints(sandbox=sandbox_name)
+                    if (network := self.store.find_network(endpoint.network_id)) is not None
+                ]
+                netns.write_etc_file(sandbox_name, "resolv.conf", sandbox_resolv_conf(networks))
+        except NetstackError as exc:
+            log.warning("sandbox=%s resolv.conf not written: %s", sandbox_name, exc)
+
     # sandboxes ------------------------------------------------------------------------------
     def create_sandbox(self, name: str) -> Sandbox:
         validate_name(name, "sandbox")
@@ -504,6 +531,7 @@ class Controller:
             except sqlite3.IntegrityError:
                 raise Conflict(f"sandbox {name!r} already exists; choose another name") from None
             undo.pop_all()
+        self._write_resolv_conf(name)
         return sandbox
 
     def remove_sandbox(self, name: str) -> None:
@@ -519,6 +547,7 @@ class Controller:
             netns.remove(sandbox.name)
         except NetstackError as exc:
             errors.append(str(exc))
+        netns.remove_etc(sandbox.name)
         with self.store.transaction() as conn:
             self.store.delete_sandbox(conn, sandbox.name)
         if errors:

@@ -169,6 +169,19 @@ class Store:
             raise
         self.conn.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A consistent view across several reads (a read transaction)."""
+        self.conn.execute("BEGIN DEFERRED")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (a cheap change probe)."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     # networks -------------------------------------------------------------------------------
     def insert_network(self, conn: sqlite3.Connection, network: Network) -> None:
         conn.execute(

@@ -282,15 +282,72 @@ class Outside:
         )
 
 
+def _netstackd_argv() -> list[str]:
+    beside = Path(sys.executable).with_name("netstackd")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "netstack.daemon"]
+
+
+class Daemons:
+    """netstackd processes started in a host namespace; the host's teardown stops them."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start netstackd in the host namespace with the host's env (not waiting)."""
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={self.host.netns_path}", *_netstackd_argv()],
+            env=self.host._env(extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def wait_running(self, timeout: float = 15.0) -> dict[str, Any]:
+        """Poll `netctl status` until a daemon answers; its status document."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.host.netctl("status", "--format", "json", check=False)
+            if proc.returncode == 0:
+                return dict(json.loads(proc.stdout))
+            time.sleep(0.1)
+        raise AssertionError("netstackd did not come up")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=10)
+
+
 @dataclass
 class Host:
-    """A throwaway host network namespace with its own netstack state directory."""
+    """A throwaway host network namespace with its own netstack state directory.
+
+    Its netstackd (`daemons`) forwards DNS to the servers in `resolv_conf`, a file of the
+    test's (empty by default), never to the machine's resolver.
+    """
 
     name: str
     state_dir: Path
     run_dir: Path
     sandboxes: list[str] = field(default_factory=list)
     outsides: list[Outside] = field(default_factory=list)
+    daemons: Daemons = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.daemons = Daemons(self)
+        self.resolv_conf.parent.mkdir(parents=True, exist_ok=True)
+        self.resolv_conf.write_text("# test host: no upstream DNS server\n")
+
+    @property
+    def resolv_conf(self) -> Path:
+        """The host resolv.conf netstackd reads its upstream servers from."""
+        return self.state_dir.parent / "resolv.conf"
 
     @property
     def netns_path(self) -> str:
@@ -300,6 +357,7 @@ class Host:
         env = dict(os.environ)
         env["NETSTACK_STATE_DIR"] = str(self.state_dir)
         env["NETSTACK_RUN_DIR"] = str(self.run_dir)
+        env["NETSTACK_RESOLV_CONF"] = str(self.resolv_conf)
         env.pop("NETSTACK_FAULT", None)
         if extra:
             env.update(extra)
@@ -457,6 +515,7 @@ def _destroy_host(host: Host) -> None:
     If a namespace survives, the owner file stays, so a later sweep removes it.
     """
     try:
+        host.daemons.stop_all()
         _remove_host_namespaces(host.name, kill=True)
     finally:
         shutil.rmtree(host.run_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ from netstack.errors import Conflict, KernelError
 from netstack.kernel import conntrack, links, sysctl
 from netstack.kernel.nftables import Nftables
 from netstack.model import Endpoint, IPInterface, Network, Sandbox
+from netstack.network_options import driver_options
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class BridgeDriver:
 
     @staticmethod
     def options_of(network: Network) -> BridgeOptions:
-        return BridgeOptions.parse(network.options, network.id)
+        return BridgeOptions.parse(driver_options(network.options), network.id)
 
     def create_network(self, network: Network) -> None:
         """Bridge with gateway addresses, forwarding on, set elements in nftables.

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--internal", action="store_true", help="no external connectivity")
     create.add_argument("-o", "--opt", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument(
+        "--dns", action="append", default=[], metavar="IP", help="upstream DNS server"
+    )
     _add_format(create)
     _add_format(verbs.add_parser("ls", help="list networks"))
     inspect = verbs.add_parser("inspect", help="show networks in detail (JSON)")

@@ -19,6 +19,7 @@ from netstack.controller import ConnectRequest, Controller, NetworkRequest, pars
 from netstack.drivers.bridge import BridgeDriver
 from netstack.errors import InvalidArgument, NetstackError
 from netstack.kernel import netns
+from netstack.network_options import DNS_SERVERS
 from netstack.store import Store
 
 
@@ -34,6 +35,16 @@ def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
         print(text)
 
 
+def _network_options(args: argparse.Namespace) -> dict[str, str]:
+    """--opt pairs, with --dns servers joined into the dns.servers option."""
+    options = parse_key_values(args.opt, "--opt")
+    if args.dns:
+        if DNS_SERVERS in options:
+            raise InvalidArgument(f"give DNS servers with --dns or --opt {DNS_SERVERS}, not both")
+        options[DNS_SERVERS] = ",".join(args.dns)
+    return options
+
+
 def network_create(args: argparse.Namespace) -> int:
     request = NetworkRequest(
         name=args.name,
@@ -44,7 +55,7 @@ def network_create(args: argparse.Namespace) -> int:
         aux_addresses=args.aux_address,
         ipv6=args.ipv6,
         internal=args.internal,
-        options=parse_key_values(args.opt, "--opt"),
+        options=_network_options(args),
         labels=parse_key_values(args.label, "--label"),
     )
     controller = build_controller()

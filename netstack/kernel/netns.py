@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Callable
@@ -115,3 +118,47 @@ def exec_in(name: str, argv: list[str]) -> None:
         os.execvp(argv[0], argv)
     except OSError as exc:
         raise NotFound(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+
+
+NETNS_ETC_DIR = Path("/etc/netns")
+
+
+def write_etc_file(name: str, filename: str, text: str) -> None:
+    """Atomically write /etc/netns/NAME/FILENAME, which `ip netns exec NAME` bind-mounts
+    over /etc/FILENAME for the programs it runs."""
+    directory = NETNS_ETC_DIR / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".{filename}.{os.getpid()}.{threading.get_ident()}"
+        temporary.write_text(text)
+        temporary.chmod(0o644)
+        temporary.replace(directory / filename)
+    except OSError as exc:
+        raise KernelError(f"cannot write {directory / filename}: {exc.strerror}") from None
+
+
+def locked_etc(name: str) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on the sandbox's /etc/netns directory (serialises rewrites)."""
+    return _DirectoryLock(NETNS_ETC_DIR / name)
+
+
+def remove_etc(name: str) -> None:
+    """Remove /etc/netns/NAME and what netstack wrote in it. Idempotent."""
+    shutil.rmtree(NETNS_ETC_DIR / name, ignore_errors=True)
+
+
+class _DirectoryLock(contextlib.AbstractContextManager[None]):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise KernelError(f"cannot open {self.directory}: {exc.strerror}") from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self.fd)  # releases the lock

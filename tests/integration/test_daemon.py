@@ -6,65 +6,17 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import Host
-
-
-def _netstackd_argv() -> list[str]:
-    beside = Path(sys.executable).with_name("netstackd")
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "netstack.daemon"]
-
-
-class Daemons:
-    """Starts netstackd processes in a host namespace and always stops them."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def start(self) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={self.host.netns_path}", *_netstackd_argv()],
-            env=self.host._env(None),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def wait_running(self, timeout: float = 15.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            proc = self.host.netctl("status", "--format", "json", check=False)
-            if proc.returncode == 0:
-                return dict(json.loads(proc.stdout))
-            time.sleep(0.1)
-        raise AssertionError("netstackd did not come up")
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+    from conftest import Daemons, Host
 
 
 @pytest.fixture
-def daemons(host: Host) -> Iterator[Daemons]:
-    started = Daemons(host)
-    try:
-        yield started
-    finally:
-        started.stop_all()
+def daemons(host: Host) -> Daemons:
+    return host.daemons
 
 
 def test_status_start_lock_and_clean_stop(host: Host, daemons: Daemons) -> None:

@@ -36,6 +36,7 @@ CREATE_DEFAULTS: dict[str, Any] = {
     "internal": False,
     "opt": [],
     "label": [],
+    "dns": [],
     "format": "table",
 }
 
@@ -67,6 +68,10 @@ CREATE_DEFAULTS: dict[str, Any] = {
             {"opt": ["mtu=1400", "bridge.name=br-web"]},
         ),
         (["--label", "a=1", "--label", "b=2", "web"], {"label": ["a=1", "b=2"]}),
+        (
+            ["--dns", "192.0.2.53", "--dns", "2001:db8::53", "web"],
+            {"dns": ["192.0.2.53", "2001:db8::53"]},
+        ),
         (["web", "--format", "json"], {"format": "json"}),
     ],
 )
