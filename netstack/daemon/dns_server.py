@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -40,6 +41,10 @@ TCP_IDLE_TIMEOUT = 10.0
 MAX_TCP_CLIENTS = 256
 _IP_FREEBIND = 15
 _UDP_BUFFER = 1 << 22
+UDP_THREADS = min(2, os.cpu_count() or 1)
+"""UDP sockets per address (SO_REUSEPORT): the kernel spreads clients across them, and as
+nearly all of a query's cost is the sendto/recvfrom syscalls, which run without the GIL,
+a second thread uses a second core."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +52,7 @@ class Listener:
     """One address the resolver serves: its UDP thread and its TCP server."""
 
     address: IPAddress
-    udp: UdpThread
+    udp: tuple[UdpThread, ...]
     tcp: asyncio.Server
 
 
@@ -61,6 +66,7 @@ def _socket(address: IPAddress, kind: socket.SocketKind, port: int) -> socket.so
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_BUFFER)
         sock.bind((str(address), port))
@@ -101,16 +107,18 @@ class UdpThread(threading.Thread):
                 if self.stopping:
                     return
                 continue
-            result = cache.answer(query, client[0], records())
-            if result is None:
-                continue
-            if result.__class__ is bytes:
-                try:
+            try:
+                result = cache.answer(query, client[0], records())
+                if result is None:
+                    continue
+                if result.__class__ is bytes:
                     send(result, client)
-                except OSError as exc:
-                    log.debug("dns: udp send to %s failed: %s", client[0], exc)
-            else:
-                forward(sock, client, result)  # type: ignore[arg-type]
+                else:
+                    forward(sock, client, result)  # type: ignore[arg-type]
+            except OSError as exc:
+                log.debug("dns: udp send to %s failed: %s", client[0], exc)
+            except Exception:  # a bug costs one query, never the listener
+                log.exception("dns: failed to serve a query from %s", client[0])
 
     def stop(self) -> None:
         self.stopping = True
@@ -123,8 +131,11 @@ class UdpThread(threading.Thread):
 class DnsServer:
     """The resolver: records, listeners on the gateway addresses, forwarding."""
 
-    def __init__(self, host_servers: HostServers, port: int = DNS_PORT) -> None:
+    def __init__(
+        self, host_servers: HostServers, port: int = DNS_PORT, udp_threads: int = UDP_THREADS
+    ) -> None:
         self.port = port
+        self.udp_threads = max(1, udp_threads)
         self.host_servers = host_servers
         self.records = build_records([], [])
         self.policy = UpstreamPolicy()
@@ -169,8 +180,10 @@ class DnsServer:
         }
 
     async def _open(self, address: IPAddress) -> Listener:
-        udp_sock = _socket(address, socket.SOCK_DGRAM, self.port)
+        udp_socks: list[socket.socket] = []
         try:
+            for _ in range(self.udp_threads):
+                udp_socks.append(_socket(address, socket.SOCK_DGRAM, self.port))
             tcp_sock = _socket(address, socket.SOCK_STREAM, self.port)
             try:
                 tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock, backlog=128)
@@ -178,16 +191,19 @@ class DnsServer:
                 tcp_sock.close()
                 raise
         except BaseException:
-            udp_sock.close()
+            for sock in udp_socks:
+                sock.close()
             raise
-        udp = UdpThread(udp_sock, self._records, self._forward_udp)
-        udp.start()
+        threads = tuple(UdpThread(sock, self._records, self._forward_udp) for sock in udp_socks)
+        for thread in threads:
+            thread.start()
         log.info("dns: serving on %s port %d (udp, tcp)", address, self.port)
-        return Listener(address, udp, tcp)
+        return Listener(address, threads, tcp)
 
     async def _close(self, listener: Listener) -> None:
         listener.tcp.close()
-        await asyncio.get_running_loop().run_in_executor(None, listener.udp.stop)
+        for thread in listener.udp:
+            await asyncio.get_running_loop().run_in_executor(None, thread.stop)
         log.info("dns: stopped serving on %s", listener.address)
 
     # forwarding ----------------------------------------------------------------------------
