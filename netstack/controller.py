@@ -154,10 +154,21 @@ class Controller:
         store: Store,
         drivers: Mapping[str, NetworkDriver],
         host_routes: Callable[[], list[IPNetwork]] = links.host_routes,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.drivers = dict(drivers)
         self._host_routes = host_routes
+        self._on_change = on_change
+
+    def _changed(self) -> None:
+        """Tell whoever follows the store (netstackd) that it changed, before returning.
+
+        netstackd also notices on its own within 20 ms; this makes a disconnect's released
+        [::1] relay port and a connect's DNS name effective before the call returns.
+        """
+        if self._on_change is not None:
+            self._on_change()
 
     # lookups --------------------------------------------------------------------------------
     def network(self, name_or_id: str) -> Network:
@@ -207,6 +218,7 @@ class Controller:
             undo.callback(driver.delete_network, network)
             faults.checkpoint("network-create:before-store")
             undo.pop_all()
+        self._changed()
         log.info("network=%s name=%s created", network.id[:12], network.name)
         return network
 
@@ -298,6 +310,7 @@ class Controller:
         except NetstackError as exc:
             errors.append(str(exc))
         self._forget_network(network.id)
+        self._changed()
         if errors:
             raise KernelError(f"network {network.name!r} removed with errors: {'; '.join(errors)}")
         log.info("network=%s name=%s removed", network.id[:12], network.name)
@@ -369,6 +382,7 @@ class Controller:
             faults.checkpoint("connect:before-store")
             undo.pop_all()
         self._write_resolv_conf(sandbox.name)
+        self._changed()
         log.info(
             "network=%s sandbox=%s endpoint=%s connected as %s",
             network.id[:12],
@@ -457,7 +471,10 @@ class Controller:
         endpoint = self.store.find_endpoint(network.id, sandbox_name)
         if endpoint is None:
             raise NotFound(f"sandbox {sandbox_name!r} is not connected to network {network.name!r}")
-        self._disconnect(network, endpoint)
+        try:
+            self._disconnect(network, endpoint)
+        finally:
+            self._changed()
         return endpoint
 
     def _disconnect(self, network: Network, endpoint: Endpoint) -> None:
@@ -550,5 +567,6 @@ class Controller:
         netns.remove_etc(sandbox.name)
         with self.store.transaction() as conn:
             self.store.delete_sandbox(conn, sandbox.name)
+        self._changed()
         if errors:
             raise KernelError(f"sandbox {name!r} removed with errors: {'; '.join(errors)}")

@@ -14,7 +14,12 @@ count never grows with networks or endpoints:
 Published ports are DNAT in the kernel (prerouting for traffic arriving, output for the
 host's own), only for destinations that are local addresses. Translated traffic is let
 through the isolation rules, and masqueraded only where replies would otherwise bypass the
-NAT: hairpin (a sandbox reaching a sibling through the host) and the host's loopback.
+NAT: hairpin (a sandbox reaching a sibling through the host) and the host's 127.0.0.0/8.
+
+The IPv6 loopback is the exception: Linux drops de-NATed replies addressed to ::1 that
+arrive on a non-loopback interface, and IPv6 has no route_localnet. The host's own traffic
+to ::1 is therefore never translated; it reaches netstackd's loopback relay
+(netstack.daemon.relay), which listens on [::1]:HOST_PORT.
 
 Inter-container traffic on one bridge (icc=false) is blocked with bridge port isolation, a
 per-port kernel flag, because this kernel has no nft bridge meta expressions.
@@ -77,8 +82,8 @@ add rule {TABLE} postrouting ip6 saddr @masq6 oifname != @bridges masquerade
 add rule {TABLE} postrouting ct status dnat ip saddr @nets4 ip daddr @nets4 masquerade
 add rule {TABLE} postrouting ct status dnat ip6 saddr @nets6 ip6 daddr @nets6 masquerade
 add rule {TABLE} postrouting ct status dnat ip saddr 127.0.0.0/8 masquerade
-add rule {TABLE} postrouting ct status dnat ip6 saddr ::1 masquerade
 add rule {TABLE} prerouting fib daddr type local jump publish
+add rule {TABLE} output ip6 daddr ::1 accept
 add rule {TABLE} output fib daddr type local jump publish
 add rule {TABLE} publish dnat ip to ip daddr . meta l4proto . th dport map @pub4_ip
 add rule {TABLE} publish dnat ip to meta l4proto . th dport map @pub4_any

@@ -16,6 +16,7 @@ from netstack.cli.render import (
     table,
 )
 from netstack.controller import ConnectRequest, Controller, NetworkRequest, parse_key_values
+from netstack.daemon.client import notify_changed
 from netstack.drivers.bridge import BridgeDriver
 from netstack.errors import InvalidArgument, NetstackError
 from netstack.kernel import netns
@@ -25,7 +26,7 @@ from netstack.store import Store
 
 def build_controller() -> Controller:
     """The object graph, built in one place."""
-    return Controller(Store(), {"bridge": BridgeDriver()})
+    return Controller(Store(), {"bridge": BridgeDriver()}, on_change=notify_changed)
 
 
 def _emit(args: argparse.Namespace, document: Any, text: str) -> None:

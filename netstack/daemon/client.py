@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
 
 from netstack.daemon.paths import socket_path
 from netstack.errors import NetstackError
+
+log = logging.getLogger(__name__)
 
 
 class DaemonUnavailable(NetstackError):
@@ -41,3 +44,14 @@ def call(op: str, path: Path | None = None, timeout: float = 5.0, **args: Any) -
     if not answer.get("ok"):
         raise NetstackError(str(answer.get("error", "netstackd refused the request")))
     return answer.get("result")
+
+
+def notify_changed(path: Path | None = None) -> None:
+    """Ask a running netstackd to re-read the store now; silent when none runs."""
+    where = path or socket_path()
+    if not where.exists():
+        return
+    try:
+        call("reload", where, timeout=5.0)
+    except NetstackError as exc:  # best effort: the daemon's own watch catches up
+        log.debug("netstackd not notified: %s", exc)

@@ -22,6 +22,7 @@ from netstack.daemon.api import MAX_REQUEST, Api
 from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
+from netstack.daemon.relay import LoopbackRelay, relay_targets
 from netstack.errors import Conflict, NetstackError
 from netstack.resolvconf import host_resolv_conf
 from netstack.store import Store, state_dir
@@ -64,6 +65,7 @@ class Daemon:
         self.started = time.time()
         self.store = Store(state)
         self.dns = DnsServer(HostServers(host_resolv_conf()))
+        self.relay = LoopbackRelay()
         self.generation = 0
         self._seen_version: int | None = None
         self.api = Api()
@@ -79,6 +81,7 @@ class Daemon:
             "run_dir": str(self.runtime),
             "uptime": round(time.time() - self.started, 3),
             "dns": self.dns.status(),
+            "relay": [str(target) for target in self.relay.listening()],
         }
 
     async def reload_op(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +96,7 @@ class Daemon:
             endpoints = self.store.endpoints()
         self.generation += 1
         await self.dns.update(*dns_config(networks, endpoints, self.generation))
+        await self.relay.sync(relay_targets(endpoints))
         log.debug(
             "state generation %d: %d networks, %d endpoints",
             self.generation,
@@ -135,6 +139,7 @@ class Daemon:
         finally:
             watcher.cancel()
             await self.dns.close()
+            await self.relay.close()
             self.store.close()
             server.close()
             await server.wait_closed()

@@ -462,24 +462,38 @@ def test_family_wildcard_and_ipv6_specific(host: Host, start_server: StartServer
     assert {r.client for r in server.seen()} == {out.addr4, out.addr6}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="IPv6 loopback ::1 cannot be DNAT'd in-kernel; needs a proxy in netstackd "
-    "(issue 3 follow-up)",
-)
 def test_ipv6_loopback_reaches_sandbox(host: Host, start_server: StartServer) -> None:
-    """[::1]:P from the host reaching the sandbox (known not to work in-kernel)."""
+    """[::1]:P from the host reaches the sandbox through netstackd's relay (TCP and UDP).
+
+    The kernel cannot serve ::1 (de-NATed replies to ::1 are dropped), so netstackd
+    listens there. netctl notifies the daemon before returning, so the port is relayed as
+    soon as connect returns and released as soon as disconnect returns: publishing the
+    same port again at once works.
+    """
+    host.daemons.start()
+    host.daemons.wait_running()
     host.netctl(
         "network", "create", "--ipv6", "--subnet", "10.87.0.0/24", "--subnet", "fd00:87::/64",
         "pub",
     )  # fmt: skip
     web = host.sandbox("web")
-    connect(host, "pub", web, "8080:80")
-    start_server(web, "web", "tcp:80")
-    # Positive control on the sandbox's own address, then the loopback.
+    connect(host, "pub", web, "8080:80", "8080:53/udp")
+    start_server(web, "web", "tcp:80", "udp:53")
     assert reach("tcp", host.name, address_of(host, web, "pub", 6), 80).tag == "web"
-    reply = tcp_ask(host.name, "::1", 8080, 1.0)
-    assert reply is not None and reply.tag == "web", reply
+    tcp = tcp_ask(host.name, "::1", 8080, 2.0)
+    assert tcp is not None and tcp.tag == "web", tcp
+    assert tcp.client == gateway_of(host, "pub", 6)  # the relay's side of the bridge
+    udp = udp_ask(host.name, "::1", 8080, 2.0)
+    assert udp is not None and udp.tag == "web", udp
+    status = host.netctl_json("status")
+    assert "[::1]:8080/tcp -> [fd00:87::2]:80" in status["relay"]
+
+    host.netctl("network", "disconnect", "pub", web)
+    assert tcp_ask(host.name, "::1", 8080, 1.0) is None
+    other = host.sandbox("other")
+    connect(host, "pub", other, "8080:80")  # the port is free again at once
+    start_server(other, "other", "tcp:80")
+    assert reach("tcp", host.name, "::1", 8080).tag == "other"
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
