@@ -31,6 +31,8 @@ from types import FrameType
 from typing import Any, NoReturn
 
 NETNS_DIR = Path("/run/netns")
+# netctl writes /etc/netns/<sandbox>/resolv.conf; removed with the namespaces.
+ETC_NETNS = Path("/etc/netns")
 # The test suite's owner files (tests/conftest.py): a pytest session sweeps every nst-*
 # namespace whose owner file is missing or names a dead process. Registering ours there
 # keeps a concurrent test run from deleting a benchmark's namespaces under it.
@@ -245,7 +247,7 @@ def sweep_stale() -> list[str]:
         delete_netns([n for n in names if n != host])
         delete_netns([n for n in names if n == host])
         removed.extend(names)
-        for entry in temp.glob(f"{host}-*"):
+        for entry in [*temp.glob(f"{host}-*"), *ETC_NETNS.glob(f"{host}-*")]:
             shutil.rmtree(entry, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (OWNER_DIR / f"{host}.owner").unlink()
@@ -329,6 +331,8 @@ class BenchHost:
             delete_netns(children)
             delete_netns([n for n in list_netns() if n == self.name])
             shutil.rmtree(self.tmp, ignore_errors=True)
+            for directory in ETC_NETNS.glob(f"{self.name}-*"):
+                shutil.rmtree(directory, ignore_errors=True)
             if self._owner is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self._owner.unlink()

@@ -2,8 +2,9 @@
 # Run every netstack benchmark: `run_all.sh` (full, several minutes) or `run_all.sh --quick`
 # (smoke mode, each script < 30 s, about a minute in all; what CI may run). Exit status: the
 # first failure's.
-# Needs root: connect_scaling, publish_scaling and iperf_dnat work inside throwaway network
-# namespaces nst-bench-<pid>* (iperf_dnat also needs iperf3).
+# Needs root: connect_scaling, publish_scaling, iperf_dnat and dns_qps work inside throwaway
+# network namespaces nst-bench-<pid>* (iperf_dnat also needs iperf3; dns_qps needs dnsperf,
+# aardvark-dns and dnsmasq-base: `.ci/setup --test` installs them).
 set -u -o pipefail
 case "${1:-}" in
   "" | --quick) ;;
@@ -12,7 +13,7 @@ esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py=${PYTHON:-python3}
 rc=0
-for bench in ipam_fill connect_scaling publish_scaling iperf_dnat; do
+for bench in ipam_fill connect_scaling publish_scaling iperf_dnat dns_qps; do
   echo "=== $bench ${1:-}"
   "$py" "$here/$bench.py" ${1:+"$1"} || { r=$?; echo "=== $bench FAILED (rc=$r)"; [ "$rc" = 0 ] && rc=$r; }
   echo
