@@ -30,7 +30,9 @@ def upstream_servers(text: str) -> list[IPAddress]:
 
     Loopback servers (127.0.0.53 of systemd-resolved, a local dnsmasq) are left out as
     Docker does: what the host's own stub resolver serves is not meant for containers.
-    Link-local servers (``fe80::1%eth0``) are left out too: they only answer on their link.
+    IPv6 link-local servers (``fe80::1%eth0``) are left out too: they need their zone.
+    IPv4 link-local ones stay: clouds' resolvers live there (169.254.169.254 on Google
+    Compute Engine, 169.254.169.253 on AWS), and netstackd reaches them from the host.
     """
     servers: list[IPAddress] = []
     for line in text.splitlines():
@@ -41,7 +43,9 @@ def upstream_servers(text: str) -> list[IPAddress]:
             address = ipaddress.ip_address(fields[1])
         except ValueError:
             continue
-        if address.is_loopback or address.is_unspecified or address.is_link_local:
+        if address.is_loopback or address.is_unspecified:
+            continue
+        if address.version == 6 and address.is_link_local:
             continue
         if address not in servers:
             servers.append(address)
