@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from netstack.model import Endpoint, Network, Sandbox
+from netstack.model import Endpoint, JoinOptions, Network, Sandbox
 
 
 class NetworkDriver(Protocol):
@@ -36,7 +36,13 @@ class NetworkDriver(Protocol):
         """Create the endpoint's interface on the host side. Undo: delete_endpoint."""
         ...
 
-    def join(self, network: Network, endpoint: Endpoint, sandbox: Sandbox) -> str:
+    def join(
+        self,
+        network: Network,
+        endpoint: Endpoint,
+        sandbox: Sandbox,
+        options: JoinOptions | None = None,
+    ) -> str:
         """Put the endpoint's interface into the sandbox, configured; return its name there."""
         ...
 

@@ -24,7 +24,8 @@ from netstack.errors import Conflict, InUse, InvalidArgument, KernelError, Netst
 from netstack.ipam import AddressAllocator, choose_default_pool, default_ipv6_pool, make_pool_spec
 from netstack.ipam.pools import parse_address, parse_network
 from netstack.kernel import links, netns, sockets
-from netstack.model import Endpoint, IPAddress, IPNetwork, Network, PoolConfig, Sandbox
+from netstack.model import Endpoint, IPAddress, IPNetwork, JoinOptions, Network, PoolConfig, Sandbox
+from netstack.names import validate_ifname
 from netstack.resolvconf import sandbox_resolv_conf
 from netstack.store import Store, now
 
@@ -88,6 +89,7 @@ class ConnectRequest:
     aliases: list[str] = field(default_factory=list)
     mac: str | None = None
     ports: list[str] = field(default_factory=list)
+    join: JoinOptions | None = None  # interface name and routes, when the caller decides
 
 
 @dataclass(frozen=True)
@@ -330,11 +332,13 @@ class Controller:
         """Attach a sandbox to a network. All or nothing."""
         network = self.network(network_name)
         sandbox = self.sandbox(sandbox_name)
-        if not netns.exists(sandbox.name):
+        if not netns.exists(sandbox.path):
             raise NotFound(
-                f"the network namespace of sandbox {sandbox.name!r} is gone; "
+                f"the network namespace of sandbox {sandbox.name!r} ({sandbox.path}) is gone; "
                 f"remove the sandbox (netctl sandbox rm {sandbox.name}) and create it again"
             )
+        if request.join is not None and request.join.ifname is not None:
+            validate_ifname(request.join.ifname, "interface name")
         ip = parse_address(request.ip, "--ip") if request.ip else None
         ip6 = parse_address(request.ip6, "--ip6") if request.ip6 else None
         if ip is not None and ip.version != 4:
@@ -372,7 +376,7 @@ class Controller:
             driver.create_endpoint(network, endpoint)
             undo.callback(driver.delete_endpoint, network, endpoint)
             faults.checkpoint("connect:after-veth")
-            endpoint.interface = driver.join(network, endpoint, sandbox)
+            endpoint.interface = driver.join(network, endpoint, sandbox, request.join)
             faults.checkpoint("connect:after-join")
             driver.program_external_connectivity(network, endpoint)
             undo.callback(driver.revoke_external_connectivity, network, endpoint)
@@ -550,6 +554,48 @@ class Controller:
             undo.pop_all()
         self._write_resolv_conf(name)
         return sandbox
+
+    def adopt_sandbox(self, name: str, path: str) -> Sandbox:
+        """Record a namespace someone else made (a CNI runtime's container) as a sandbox.
+
+        Idempotent for the same path; netstack never deletes an adopted namespace.
+        """
+        existing = self.store.find_sandbox(name)
+        if existing is not None:
+            if existing.path != path:
+                raise Conflict(
+                    f"sandbox {name!r} is already recorded with namespace {existing.path}; "
+                    "remove that attachment first"
+                )
+            return existing
+        sandbox = Sandbox(name=name, path=path, created=now())
+        try:
+            with self.store.transaction() as conn:
+                self.store.insert_sandbox(conn, sandbox)
+        except sqlite3.IntegrityError:  # a concurrent adoption of the same name
+            return self.sandbox(name)
+        return sandbox
+
+    def forget_sandbox(self, name: str) -> None:
+        """Disconnect an adopted sandbox's endpoints and forget it; its namespace stays.
+
+        Idempotent: an unknown name is nothing to do. Endpoints are cleaned up even when
+        the namespace is already gone (their veth went with it).
+        """
+        sandbox = self.store.find_sandbox(name)
+        if sandbox is None:
+            return
+        errors: list[str] = []
+        for endpoint in self.store.endpoints(sandbox=name):
+            try:
+                self._disconnect(self.network(endpoint.network_id), endpoint)
+            except NetstackError as exc:
+                errors.append(str(exc))
+        with self.store.transaction() as conn:
+            self.store.delete_sandbox(conn, name)
+        self._changed()
+        if errors:
+            raise KernelError(f"sandbox {name!r} forgotten with errors: {'; '.join(errors)}")
 
     def remove_sandbox(self, name: str) -> None:
         """Disconnect every endpoint, delete the namespace, forget the sandbox."""

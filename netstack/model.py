@@ -97,8 +97,35 @@ class Endpoint:
 
 @dataclass
 class Sandbox:
-    """An isolated network stack: a named network namespace."""
+    """An isolated network stack: a network namespace, named (``netctl sandbox create``)
+    or given by path (a CNI runtime's container, ``external``: netstack did not make it and
+    never deletes it)."""
 
     name: str
     path: str
     created: str = ""
+
+    @property
+    def external(self) -> bool:
+        return self.path != f"/run/netns/{self.name}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route to install in a sandbox; `gateway` None means the network's gateway."""
+
+    destination: IPNetwork
+    gateway: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class JoinOptions:
+    """How an endpoint joins its sandbox, when the caller (CNI) decides instead of netstack.
+
+    `ifname`: the interface name in the sandbox (default: the lowest free ethN).
+    `routes`: exactly these routes (default, None: a default route per family via the
+    network's gateway, if the sandbox has none yet; Docker's behaviour).
+    """
+
+    ifname: str | None = None
+    routes: tuple[Route, ...] | None = None

@@ -15,7 +15,15 @@ from netstack import faults
 from netstack.errors import Conflict, KernelError
 from netstack.kernel import conntrack, links, sysctl
 from netstack.kernel.nftables import Nftables
-from netstack.model import Endpoint, IPInterface, Network, Sandbox
+from netstack.model import (
+    Endpoint,
+    IPAddress,
+    IPInterface,
+    JoinOptions,
+    Network,
+    Route,
+    Sandbox,
+)
 from netstack.network_options import driver_options
 
 log = logging.getLogger(__name__)
@@ -128,21 +136,44 @@ class BridgeDriver:
             isolated=not options.icc,
         )
 
-    def join(self, network: Network, endpoint: Endpoint, sandbox: Sandbox) -> str:
-        """Move the peer into the sandbox as the lowest free ethN, address it, route it."""
-        gateways = [] if network.internal else [p.gateway for p in network.pools if p.gateway]
+    def join(
+        self,
+        network: Network,
+        endpoint: Endpoint,
+        sandbox: Sandbox,
+        options: JoinOptions | None = None,
+    ) -> str:
+        """Move the peer into the sandbox as `options.ifname` or the lowest free ethN,
+        address it, route it (`options.routes`, or a default route per family)."""
+        options = options or JoinOptions()
+        gateways = [p.gateway for p in network.pools if p.gateway]
+        where = sandbox.path
         peer = peer_veth_name(endpoint.id)
-        links.move_to_sandbox(peer, sandbox.name)
-        for _attempt in range(16):
-            ifname = links.next_eth_name(sandbox.name)
-            try:
-                links.rename_in_sandbox(sandbox.name, peer, ifname)
-                break
-            except Conflict:  # a concurrent connect took that name: pick the next one
-                continue
+        links.move_to_sandbox(peer, where)
+        if options.ifname is not None:
+            ifname = options.ifname
+            links.rename_in_sandbox(where, peer, ifname)  # Conflict names the taken name
         else:
-            raise KernelError(f"no free interface name in sandbox {sandbox.name}; try again")
-        links.configure_sandbox_interface(sandbox.name, ifname, endpoint.interfaces(), gateways)
+            for _attempt in range(16):
+                ifname = links.next_eth_name(where)
+                try:
+                    links.rename_in_sandbox(where, peer, ifname)
+                    break
+                except Conflict:  # a concurrent connect took that name: pick the next one
+                    continue
+            else:
+                raise KernelError(f"no free interface name in sandbox {sandbox.name}; try again")
+        if options.routes is None:
+            routes = None
+            default_via = [] if network.internal else gateways
+        else:
+            routes = [
+                (r.destination, r.gateway or _gateway_for(r, gateways)) for r in options.routes
+            ]
+            default_via = []
+        links.configure_sandbox_interface(
+            where, ifname, endpoint.interfaces(), default_via, routes=routes
+        )
         return ifname
 
     def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
@@ -172,6 +203,11 @@ class BridgeDriver:
             for address in (ipv4, ipv6)
             if address is not None
         )
+
+
+def _gateway_for(route: Route, gateways: list[IPAddress]) -> IPAddress | None:
+    """The network's gateway of the route's family (None: an on-link route)."""
+    return next((g for g in gateways if g.version == route.destination.version), None)
 
 
 def _addresses(endpoint: Endpoint) -> tuple[str | None, str | None]:

@@ -7,10 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from netstack.errors import InvalidArgument
+from netstack.names import validate_ifname
 
-IFNAMSIZ_MAX = 15
 BRIDGE_PREFIX = "nsbr"
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Docker's option names (docker network create -o ...) mapped onto ours.
 _ALIASES = {
@@ -22,20 +21,6 @@ _ALIASES = {
 _KNOWN = ("bridge.name", "mtu", "masquerade", "icc")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-
-
-def validate_ifname(name: str, what: str) -> str:
-    """Check an interface name: 1-15 bytes of letters, digits, '_', '.', '-'."""
-    if len(name.encode()) > IFNAMSIZ_MAX:
-        raise InvalidArgument(
-            f"{what} {name!r} is {len(name.encode())} bytes; interface names are at most "
-            f"{IFNAMSIZ_MAX} bytes, choose a shorter one"
-        )
-    if not _IFNAME.fullmatch(name) or name in (".", ".."):
-        raise InvalidArgument(
-            f"{what} {name!r} is not a valid interface name; use letters, digits, '_', '.', '-'"
-        )
-    return name
 
 
 def _parse_bool(key: str, value: str) -> bool:

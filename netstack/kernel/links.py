@@ -13,7 +13,7 @@ from pyroute2 import IPRoute, NetlinkError
 from netstack.errors import Conflict
 from netstack.kernel.errors import netlink_errors
 from netstack.kernel.netns import netlink_socket, path_of
-from netstack.model import IPAddress, IPInterface
+from netstack.model import IPAddress, IPInterface, IPNetwork
 
 IFA_F_NODAD = 0x02
 
@@ -149,10 +149,12 @@ def configure_sandbox_interface(
     ifname: str,
     addresses: Sequence[IPInterface],
     gateways: Sequence[IPAddress],
+    routes: Sequence[tuple[IPNetwork, IPAddress | None]] | None = None,
 ) -> None:
     """Inside the sandbox: addresses on `ifname`, link up, and a default route per gateway.
 
     A default route is only added for a family that has none yet (the first network wins).
+    `routes` (destination, next hop or None for on-link) are added as given.
     """
     with _ipr(namespace) as ipr, netlink_errors(f"configuring {ifname} in {namespace}"):
         index = _index(ipr, ifname)
@@ -160,6 +162,17 @@ def configure_sandbox_interface(
         _add_addresses(ipr, index, addresses)
         ipr.link("set", index=index, state="up")
         _ensure_default_routes(ipr, index, gateways)
+        for destination, via in routes or ():
+            family = 2 if destination.version == 4 else 10
+            extra = {"gateway": str(via)} if via is not None else {}
+            ipr.route(
+                "add",
+                dst=str(destination.network_address),
+                dst_len=destination.prefixlen,
+                oif=index,
+                family=family,
+                **extra,
+            )
 
 
 def _ensure_default_routes(ipr: IPRoute, index: int, gateways: Sequence[IPAddress]) -> None:

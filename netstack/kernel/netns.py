@@ -24,11 +24,13 @@ T = TypeVar("T")
 
 
 def path_of(name: str) -> str:
-    return str(NETNS_RUN_DIR / name)
+    """The namespace file of a named namespace; an absolute path is taken as it is (a CNI
+    runtime's /var/run/netns/X or /proc/PID/ns/net)."""
+    return name if name.startswith("/") else str(NETNS_RUN_DIR / name)
 
 
 def exists(name: str) -> bool:
-    return (NETNS_RUN_DIR / name).exists()
+    return Path(path_of(name)).exists()
 
 
 def create(name: str) -> str:
