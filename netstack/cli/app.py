@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     port.add_argument("sandbox")
     _add_format(port)
 
+    cni = top.add_parser("cni", help="netstack as a CNI plugin")
+    cverbs = cni.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    cinstall = cverbs.add_parser("install", help="install the plugin executable")
+    cinstall.add_argument("--bin-dir", default="/opt/cni/bin", help="CNI plugin directory")
+    cinstall.add_argument("--conf-dir", help="write example .conflist files here")
+    cinstall.add_argument(
+        "--network", action="append", default=[], metavar="NAME", help="a conflist for NAME"
+    )
+
     sandbox = top.add_parser("sandbox", help="manage sandboxes (network namespaces)")
     sverbs = sandbox.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     screate = sverbs.add_parser("create", help="create a sandbox")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from netstack.cli.render import (
@@ -170,6 +171,15 @@ def sandbox_ls(args: argparse.Namespace) -> int:
 def sandbox_inspect(args: argparse.Namespace) -> int:
     controller = build_controller()
     print(json.dumps([_sandbox_doc(controller, name) for name in args.names], indent=2))
+    return 0
+
+
+def cni_install(args: argparse.Namespace) -> int:
+    from netstack.cni.install import install
+
+    conf_dir = Path(args.conf_dir) if args.conf_dir else None
+    for path in install(Path(args.bin_dir), conf_dir, list(args.network)):
+        print(path)
     return 0
 
 

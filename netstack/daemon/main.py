@@ -13,17 +13,21 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from netstack import __version__
+from netstack.cni.plugin import run as cni_run
+from netstack.controller import Controller
 from netstack.daemon.api import MAX_REQUEST, Api
 from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, relay_targets
-from netstack.errors import Conflict, NetstackError
+from netstack.drivers.bridge import BridgeDriver
+from netstack.errors import Conflict, InvalidArgument, NetstackError
 from netstack.resolvconf import host_resolv_conf
 from netstack.store import Store, state_dir
 
@@ -71,6 +75,8 @@ class Daemon:
         self.api = Api()
         self.api.register("status", self.status)
         self.api.register("reload", self.reload_op)
+        self.api.register("cni", self.cni_op)
+        self._workers = threading.local()
         self.stopping = asyncio.Event()
 
     async def status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +93,32 @@ class Daemon:
     async def reload_op(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.reload()
         return {"generation": self.generation}
+
+    async def cni_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The CNI plugin's fast path: run its request here, where everything is loaded.
+
+        Runs in a worker thread (the controller blocks on the kernel and SQLite), with a
+        controller per thread (SQLite connections stay in their thread). Answers exactly
+        what the plugin would print and exit with.
+        """
+        env, stdin = request.get("env"), request.get("stdin")
+        if not isinstance(env, dict) or not isinstance(stdin, str):
+            raise InvalidArgument("cni needs 'env' (an object) and 'stdin' (a string)")
+        variables = {str(k): str(v) for k, v in env.items()}
+        loop = asyncio.get_running_loop()
+        code, stdout = await loop.run_in_executor(
+            None, cni_run, variables, stdin.encode("utf-8", "surrogateescape"), self._controller
+        )
+        if code == 0:
+            await self.reload()  # records and relay follow at once, not 20 ms later
+        return {"code": code, "stdout": stdout}
+
+    def _controller(self) -> Controller:
+        controller: Controller | None = getattr(self._workers, "controller", None)
+        if controller is None:
+            controller = Controller(Store(self.state), {"bridge": BridgeDriver()})
+            self._workers.controller = controller
+        return controller
 
     async def reload(self) -> None:
         """Re-read the store and bring every part in line with it."""

@@ -7,6 +7,7 @@ import ipaddress
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -211,3 +212,46 @@ def host_addresses() -> list[str]:
     """Every address configured in this namespace (to validate a published port's host IP)."""
     with _ipr() as ipr, netlink_errors("listing addresses"):
         return [str(msg.get("IFA_ADDRESS")) for msg in ipr.get_addr()]
+
+
+@dataclass(frozen=True)
+class InterfaceReport:
+    """What one interface inside a sandbox looks like (for CNI CHECK)."""
+
+    exists: bool
+    up: bool = False
+    mac: str = ""
+    addresses: tuple[IPInterface, ...] = ()
+    routes: tuple[tuple[IPNetwork, IPAddress | None], ...] = ()
+
+
+def interface_report(namespace: str, ifname: str) -> InterfaceReport:
+    """The interface's state, addresses and main-table routes through it."""
+    with _ipr(namespace) as ipr, netlink_errors(f"inspecting {ifname} in {namespace}"):
+        index = _index(ipr, ifname)
+        if index is None:
+            return InterfaceReport(exists=False)
+        link = ipr.get_links(index)[0]
+        addresses = tuple(
+            ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+            for msg in ipr.get_addr(index=index)
+            if msg.get("scope") == 0  # global: not the kernel's link-local fe80::
+        )
+        routes: list[tuple[IPNetwork, IPAddress | None]] = []
+        for family, any_address in ((2, "0.0.0.0"), (10, "::")):
+            for route in ipr.get_routes(family=family, table=254, oif=index):
+                dst = route.get("RTA_DST") or any_address
+                gateway = route.get("RTA_GATEWAY")
+                routes.append(
+                    (
+                        ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False),
+                        ipaddress.ip_address(gateway) if gateway else None,
+                    )
+                )
+        return InterfaceReport(
+            exists=True,
+            up=bool(link["flags"] & 1),
+            mac=str(link.get("IFLA_ADDRESS", "")),
+            addresses=addresses,
+            routes=tuple(routes),
+        )

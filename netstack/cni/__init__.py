@@ -1,0 +1,1 @@
+"""netstack as a CNI plugin (``"type": "netstack"``): spec, commands, fast entry point."""
