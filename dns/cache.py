@@ -33,6 +33,8 @@ Not thread-safe: give each serving thread its own cache (they are cheap).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from netstack.dns.records import Records, Scope
 from netstack.dns.resolver import DEFAULT_MAX_UDP, Forward, Reply, resolve
 
@@ -46,11 +48,13 @@ class _Rotating:
 
     __slots__ = ("cursor", "store", "variants")
 
-    def __init__(self, first: bytes, step: int, count: int, store: bool) -> None:
+    def __init__(
+        self, first: bytes, step: int, count: int, store: bool, cursor: Iterator[int]
+    ) -> None:
         self.variants: list[bytes | None] = [None] * count
         if store:
             self.variants[step] = first
-        self.cursor = (step + 1) % count
+        self.cursor = cursor  # the records' cursor for this name: shared by every cache
         self.store = store
 
 
@@ -99,8 +103,7 @@ class ReplyCache:
         self.hits += 1
         if isinstance(entry, bytes):
             return query[:2] + entry[2:]
-        step = entry.cursor
-        entry.cursor = (step + 1) % len(entry.variants)
+        step = next(entry.cursor) % len(entry.variants)
         wire = entry.variants[step]
         if wire is None:
             result = resolve(query, scope, records, max_udp=self.max_udp, tcp=tcp, rotation=step)
@@ -121,9 +124,11 @@ class ReplyCache:
             return _wire(result)
         if len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
-        if result.rotations > 1:
+        if result.rotations > 1 and result.cursor is not None:
             store = result.rotations <= MAX_STORED_ROTATIONS
-            self._entries[key] = _Rotating(result.wire, result.step, result.rotations, store)
+            self._entries[key] = _Rotating(
+                result.wire, result.step, result.rotations, store, result.cursor
+            )
         else:
             self._entries[key] = result.wire
         return result.wire

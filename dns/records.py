@@ -25,8 +25,9 @@ What a client sees (issue 4, Docker's user-defined networks):
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -106,6 +107,7 @@ class Answer:
     names: tuple[str, ...] = ()
     rotations: int = 1
     step: int = 0
+    cursor: Iterator[int] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,7 @@ class Records:
     domains: frozenset[str]
     clients: dict[IPAddress, Scope]
     _client_text: dict[str, Scope] = field(default_factory=dict, repr=False)
-    _cursors: dict[tuple[Scope, str, str], int] = field(default_factory=dict, repr=False)
+    _cursors: dict[tuple[Scope, str, str], Iterator[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._client_text.update({str(address): scope for address, scope in self.clients.items()})
@@ -257,12 +259,21 @@ class Records:
         count = len(addresses)
         if count < 2:
             return Answer(addresses=addresses)
+        # One cursor per (scope, name, type), shared by every thread's reply cache and the
+        # uncached path: next() on itertools.count is atomic under the GIL.
+        key = (scope, name, qtype)
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            cursor = self._cursors.setdefault(key, itertools.count())
         if rotation is None:
-            key = (scope, name, qtype)
-            rotation = self._cursors.get(key, 0)
-            self._cursors[key] = (rotation + 1) % count
+            rotation = next(cursor)
         step = rotation % count
-        return Answer(addresses=_rotate(addresses, step), rotations=count, step=step)
+        return Answer(
+            addresses=_rotate(addresses, step),
+            rotations=count,
+            step=step,
+            cursor=cursor,
+        )
 
 
 def valid_name(name: str) -> bool:

@@ -36,7 +36,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from dnslib import (  # type: ignore[import-untyped]
@@ -111,6 +112,7 @@ class Reply:
     rotations: int = 1
     cacheable: bool = False
     step: int = 0
+    cursor: Iterator[int] | None = field(default=None, compare=False, repr=False)
 
 
 def type_name(qtype: int) -> str:
@@ -212,12 +214,24 @@ def _resolve(
         return Reply(wire, cacheable=True)
     answers = _resource_records(question.qname, result)
     wire = _build(
-        message, NOERROR, max_udp=max_udp, udp_size=udp_size, tcp=tcp, aa=True, answers=answers
+        message,
+        NOERROR,
+        max_udp=max_udp,
+        udp_size=udp_size,
+        tcp=tcp,
+        aa=True,
+        answers=answers,
     )
     truncated = bool(wire[2] & (_TC >> 8))  # no answers left to rotate
     if truncated:
         return Reply(wire, cacheable=True)
-    return Reply(wire, rotations=result.rotations, cacheable=True, step=result.step)
+    return Reply(
+        wire,
+        rotations=result.rotations,
+        cacheable=True,
+        step=result.step,
+        cursor=result.cursor,
+    )
 
 
 def _resource_records(qname: Any, result: Answer) -> list[Any]:

@@ -294,15 +294,26 @@ class Daemons:
         self.host = host
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start netstackd in the host namespace with the host's env (not waiting)."""
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={self.host.netns_path}", *_netstackd_argv()],
-            env=self.host._env(extra_env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    def start(
+        self, extra_env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen[str]:
+        """Start netstackd in the host namespace with the host's env (not waiting).
+
+        Its output goes to pipes read at teardown, or to the file `log` (appended): give
+        one when the daemon may log more than a pipe holds (64 KiB) before teardown, or
+        it blocks writing its log.
+        """
+        argv = ["nsenter", f"--net={self.host.netns_path}", *_netstackd_argv()]
+        env = self.host._env(extra_env)
+        if log is None:
+            proc = subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        else:
+            with open(log, "a") as output:
+                proc = subprocess.Popen(
+                    argv, env=env, stdout=output, stderr=subprocess.STDOUT, text=True
+                )
         self.procs.append(proc)
         return proc
 

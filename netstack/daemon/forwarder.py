@@ -115,7 +115,7 @@ class Forwarder:
                 log.debug("dns: upstream %s failed for %s: %r", server, forward.qname, exc)
                 continue
             return truncate(forward.query[:2] + reply[2:], forward.udp_size)
-        log.info(
+        log.debug(  # not info: any sandbox could flood the host's log with failing names
             "dns: no upstream answered %s %s (tried %s)",
             forward.qname,
             forward.qtype,
