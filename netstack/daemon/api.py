@@ -3,6 +3,10 @@
 Request ``{"op": "status", ...}`` -> reply ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "..."}``. A malformed request gets an error reply; it never stops
 the daemon.
+
+A request with ``"reply": "raw"`` whose handler returns ``{"code": int, "stdout": str}``
+(the CNI op) is answered ``b"<code> <length>\n"`` + the stdout bytes instead: the CNI
+plugin's fast path then needs no JSON decoder (importing json costs it ~10 ms).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ class Api:
     def register(self, op: str, handler: Handler) -> None:
         self.handlers[op] = handler
 
-    async def handle(self, raw: bytes) -> dict[str, Any]:
-        """One request line in, one reply object out (never raises)."""
+    async def handle(self, raw: bytes) -> dict[str, Any] | bytes:
+        """One request line in, one reply object (or raw reply bytes) out (never raises)."""
         try:
             request = json.loads(raw)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
@@ -43,7 +47,11 @@ class Api:
             known = ", ".join(sorted(self.handlers))
             return {"ok": False, "error": f"unknown op {request['op']!r}; known: {known}"}
         try:
-            return {"ok": True, "result": await handler(request)}
+            result = await handler(request)
+            if request.get("reply") == "raw" and isinstance(result, dict):
+                stdout = str(result.get("stdout", "")).encode("utf-8", "surrogateescape")
+                return b"%d %d\n" % (int(result.get("code", 1)), len(stdout)) + stdout
+            return {"ok": True, "result": result}
         except NetstackError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bug must not stop the daemon: log it, answer it
@@ -63,7 +71,10 @@ class Api:
                     writer.write(b'{"ok": false, "error": "request too large"}\n')
                     return
                 reply = await self.handle(line)
-                writer.write(json.dumps(reply).encode() + b"\n")
+                if isinstance(reply, bytes):
+                    writer.write(reply)
+                else:
+                    writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
             return
