@@ -29,17 +29,11 @@ from netstack.network_options import driver_options
 log = logging.getLogger(__name__)
 
 VETH_HOST_PREFIX = "nsv"
-VETH_PEER_PREFIX = "nsp"
 
 
 def host_veth_name(endpoint_id: str) -> str:
     """The host end of an endpoint's veth pair (15 bytes, findable by prefix)."""
     return f"{VETH_HOST_PREFIX}{endpoint_id[:12]}"
-
-
-def peer_veth_name(endpoint_id: str) -> str:
-    """The sandbox end's name until it is moved into the sandbox and renamed."""
-    return f"{VETH_PEER_PREFIX}{endpoint_id[:12]}"
 
 
 def bridge_mac(network_id: str) -> str:
@@ -126,15 +120,10 @@ class BridgeDriver:
         log.info("network=%s bridge=%s deleted", network.id[:12], options.bridge_name)
 
     def create_endpoint(self, network: Network, endpoint: Endpoint) -> None:
-        options = self.options_of(network)
-        links.create_veth(
-            host_veth_name(endpoint.id),
-            peer_veth_name(endpoint.id),
-            master=options.bridge_name,
-            mtu=options.mtu,
-            peer_mac=endpoint.mac,
-            isolated=not options.icc,
-        )
+        """Nothing in the kernel yet: the veth pair is made at `join`, its sandbox end
+        created directly inside the sandbox. Moving a link between namespaces costs the
+        kernel ~20 ms (an RCU synchronisation), creating it there ~2 ms."""
+        self.options_of(network)
 
     def join(
         self,
@@ -143,21 +132,33 @@ class BridgeDriver:
         sandbox: Sandbox,
         options: JoinOptions | None = None,
     ) -> str:
-        """Move the peer into the sandbox as `options.ifname` or the lowest free ethN,
-        address it, route it (`options.routes`, or a default route per family)."""
+        """Create the veth pair with its peer inside the sandbox as `options.ifname` or the
+        lowest free ethN, address it, route it (`options.routes`, or a default route per
+        family). Undo: delete_endpoint."""
         options = options or JoinOptions()
+        bridge = self.options_of(network)
         gateways = [p.gateway for p in network.pools if p.gateway]
         where = sandbox.path
-        peer = peer_veth_name(endpoint.id)
-        links.move_to_sandbox(peer, where)
+
+        def create(ifname: str) -> None:
+            links.create_veth(
+                host_veth_name(endpoint.id),
+                ifname,
+                master=bridge.bridge_name,
+                mtu=bridge.mtu,
+                peer_mac=endpoint.mac,
+                isolated=not bridge.icc,
+                peer_namespace=where,
+            )
+
         if options.ifname is not None:
             ifname = options.ifname
-            links.rename_in_sandbox(where, peer, ifname)  # Conflict names the taken name
+            create(ifname)  # Conflict names the taken name
         else:
             for _attempt in range(16):
                 ifname = links.next_eth_name(where)
                 try:
-                    links.rename_in_sandbox(where, peer, ifname)
+                    create(ifname)
                     break
                 except Conflict:  # a concurrent connect took that name: pick the next one
                     continue

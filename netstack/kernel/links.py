@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
-from netstack.errors import Conflict
+from netstack.errors import Conflict, KernelError, NotFound
 from netstack.kernel.errors import netlink_errors
 from netstack.kernel.netns import netlink_socket, path_of
 from netstack.model import IPAddress, IPInterface, IPNetwork
@@ -85,26 +87,45 @@ def delete_link(name: str, namespace: str | None = None) -> None:
 
 
 def create_veth(
-    host_name: str, peer_name: str, master: str, mtu: int, peer_mac: str, isolated: bool
+    host_name: str,
+    peer_name: str,
+    master: str,
+    mtu: int,
+    peer_mac: str,
+    isolated: bool,
+    peer_namespace: str | None = None,
 ) -> None:
-    """A veth pair whose host end is a port of `master` (up); the peer stays in this namespace.
+    """A veth pair whose host end is a port of `master` (up); the peer is created in
+    `peer_namespace` (a name or path; default: this namespace), down and unaddressed.
 
     `isolated` sets bridge port isolation: isolated ports reach the bridge (the gateway) but
-    not each other. Undo with `delete_link(host_name)`.
+    not each other. Raises Conflict when `peer_name` is taken there (nothing is created
+    then). Undo with `delete_link(host_name)`.
     """
     with _ipr() as ipr:
         master_index = _index(ipr, master)
         if master_index is None:
-            raise Conflict(f"bridge {master!r} is missing; recreate the network")
-        with netlink_errors(f"creating veth {host_name}"):
-            ipr.link(
-                "add",
-                ifname=host_name,
-                kind="veth",
-                mtu=mtu,
-                master=master_index,
-                peer={"ifname": peer_name, "address": peer_mac, "mtu": mtu},
-            )
+            raise KernelError(f"bridge {master!r} is missing; recreate the network")
+        peer: dict[str, object] = {"ifname": peer_name, "address": peer_mac, "mtu": mtu}
+        with contextlib.ExitStack() as stack:
+            if peer_namespace is not None:
+                try:
+                    fd = os.open(path_of(peer_namespace), os.O_RDONLY)
+                except OSError as exc:
+                    raise NotFound(
+                        f"network namespace {peer_namespace} is gone: {exc.strerror}"
+                    ) from None
+                stack.callback(os.close, fd)
+                peer["net_ns_fd"] = fd
+            with netlink_errors(f"creating veth {host_name} (peer {peer_name})"):
+                ipr.link(
+                    "add",
+                    ifname=host_name,
+                    kind="veth",
+                    mtu=mtu,
+                    master=master_index,
+                    peer=peer,
+                )
         with netlink_errors(f"configuring veth {host_name}"):
             index = _index(ipr, host_name)
             # hairpin: a sandbox reaching its own published port through the host
@@ -127,22 +148,6 @@ def next_eth_name(namespace: str) -> str:
     while n in used:
         n += 1
     return f"eth{n}"
-
-
-def move_to_sandbox(name: str, namespace: str) -> None:
-    """Move a link into the sandbox namespace, keeping its (unique) name.
-
-    Moving and renaming in one message is not safe: when the new name is taken, this kernel
-    still moves the link (under its old name) and then reports EEXIST.
-    """
-    with _ipr() as ipr, netlink_errors(f"moving {name} into {namespace}"):
-        ipr.link("set", index=_index(ipr, name), net_ns_fd=path_of(namespace))
-
-
-def rename_in_sandbox(namespace: str, name: str, new_name: str) -> None:
-    """Rename a (down) link inside the sandbox; raises Conflict if `new_name` is taken."""
-    with _ipr(namespace) as ipr, netlink_errors(f"renaming {name} to {new_name} in {namespace}"):
-        ipr.link("set", index=_index(ipr, name), ifname=new_name)
 
 
 def configure_sandbox_interface(
