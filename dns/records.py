@@ -16,8 +16,9 @@ What a client sees (issue 4, Docker's user-defined networks):
 - PTR: the reverse name of an endpoint address gives the sandbox name (``name.D`` when the
   network has a domain), if the client shares that network.
 - Names are compared case-insensitively (ASCII only, RFC 4343), with or without the final dot.
-- netstack's part of the name space: every single-label name, every name at or under a
-  network's domain, and the reverse names of every netstack subnet. A name there that does
+- netstack's part of the name space: every single-label name, every name at or under the
+  domain of one of the client's networks (another network's domain may be a real one that
+  other sandboxes reach upstream), and the reverse names of every netstack subnet. A name there that does
   not exist for this client is `NxDomain` (names on networks the client does not share
   included); everything else is `NotOurs` and is forwarded upstream.
 """
@@ -167,7 +168,7 @@ class Records:
     names: dict[str, dict[str, _Addresses]]
     pointers: dict[IPAddress, tuple[tuple[str, str], ...]]
     subnets: tuple[IPNetwork, ...]
-    domains: frozenset[str]
+    domains: dict[str, str]  # network id -> its DNS domain (networks with dns.domain only)
     clients: dict[IPAddress, Scope]
     _client_text: dict[str, Scope] = field(default_factory=dict, repr=False)
     _cursors: dict[tuple[Scope, str, str], Iterator[int]] = field(default_factory=dict, repr=False)
@@ -222,9 +223,12 @@ class Records:
                 v6.extend(entry.v6)
         if found:
             return self._answer(scope, name, qtype, _unique(v4), _unique(v6), rotation)
-        if name in self.domains:
+        # Only the domains of the client's own networks are netstack's for this client: a
+        # name under another network's domain is forwarded, as for any other name.
+        domains = [self.domains[n] for n in scope if n in self.domains]
+        if name in domains:
             return NODATA
-        if "." not in name or any(name.endswith("." + domain) for domain in self.domains):
+        if "." not in name or any(name.endswith("." + domain) for domain in domains):
             return NXDOMAIN
         return NOT_OURS
 
@@ -362,6 +366,6 @@ def build_records(
         names=names,
         pointers={address: tuple(targets) for address, targets in pointers.items()},
         subnets=subnets,
-        domains=frozenset(d for d in domains.values() if d is not None),
+        domains={n: d for n, d in domains.items() if d is not None},
         clients=clients,
     )

@@ -70,10 +70,13 @@ def validate_domain(text: str) -> str:
         or any(not 0 < len(label) <= 63 for label in labels)
         or any(not set(label) <= _LABEL_CHARS for label in labels)
         or any(label.startswith("-") or label.endswith("-") for label in labels)
+        or domain == "arpa"
+        or domain.endswith(".arpa")
     ):
         raise InvalidArgument(
             f"dns.domain {text!r} is not a DNS domain; use dot-separated labels of letters, "
-            "digits and '-' (each 1-63 characters, at most 200 in all), e.g. 'svc.local'"
+            "digits and '-' (each 1-63 characters, at most 200 in all, not under arpa), "
+            "e.g. 'svc.local'"
         )
     return domain
 
