@@ -54,7 +54,7 @@ from netstack.cni.spec import (
 )
 from netstack.controller import ConnectRequest, Controller, NetworkRequest
 from netstack.drivers.bridge import BridgeDriver
-from netstack.drivers.bridge.driver import bridge_mac, host_veth_name
+from netstack.drivers.bridge.driver import VETH_HOST_PREFIX, bridge_mac, host_veth_name
 from netstack.errors import NetstackError
 from netstack.kernel import links
 from netstack.model import Endpoint, JoinOptions, Network
@@ -440,6 +440,7 @@ def gc(env: Environment, config: Config, make: ControllerFactory) -> None:
                 controller.disconnect(network.id, endpoint.sandbox)
             except NetstackError as error:
                 errors.append(str(error))
+        errors += _remove_orphan_veths(controller, network)
     for sandbox in controller.store.sandboxes():
         key = parse_attachment_name(sandbox.name)
         if (
@@ -452,6 +453,23 @@ def gc(env: Environment, config: Config, make: ControllerFactory) -> None:
         _delegate(env, config, "GC")
     if errors:
         raise CniError(IO_FAILURE, "GC left some attachments", "; ".join(errors))
+
+
+def _remove_orphan_veths(controller: Controller, network: Network) -> list[str]:
+    """Delete netstack veths on the network's bridge that no endpoint owns (left by a
+    process killed between making a veth and recording it); their errors."""
+    ports = links.bridge_ports(BridgeDriver.options_of(network).bridge_name)
+    # Rows are read after the ports: an endpoint's row is committed before its veth is
+    # made, so a connect racing with this GC is never taken for an orphan.
+    owned = {host_veth_name(e.id) for e in controller.store.endpoints(network_id=network.id)}
+    errors = []
+    for name in ports:
+        if name.startswith(VETH_HOST_PREFIX) and name not in owned:
+            try:
+                links.delete_link(name)
+            except NetstackError as error:
+                errors.append(str(error))
+    return errors
 
 
 # --------------------------------------------------------------------------- delegated IPAM

@@ -260,3 +260,16 @@ def interface_report(namespace: str, ifname: str) -> InterfaceReport:
             addresses=addresses,
             routes=tuple(routes),
         )
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    """Names of the links enslaved to `bridge` in this namespace (empty if it is gone)."""
+    with _ipr() as ipr, netlink_errors(f"listing ports of {bridge}"):
+        index = _index(ipr, bridge)
+        if index is None:
+            return []
+        return [
+            str(link.get("IFLA_IFNAME"))
+            for link in ipr.get_links()
+            if link.get("IFLA_MASTER") == index
+        ]
