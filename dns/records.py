@@ -17,10 +17,12 @@ What a client sees (issue 4, Docker's user-defined networks):
   network has a domain), if the client shares that network.
 - Names are compared case-insensitively (ASCII only, RFC 4343), with or without the final dot.
 - netstack's part of the name space: every single-label name, every name at or under the
-  domain of one of the client's networks (another network's domain may be a real one that
-  other sandboxes reach upstream), and the reverse names of every netstack subnet. A name there that does
-  not exist for this client is `NxDomain` (names on networks the client does not share
-  included); everything else is `NotOurs` and is forwarded upstream.
+  domain of one of the client's networks, every name another network defines (``name.D``
+  included; other names under another network's domain D are forwarded: D may be a real
+  domain that other sandboxes reach upstream), and the reverse names of every netstack
+  subnet. A name there that does not exist for this client is `NxDomain` (names on
+  networks the client does not share included); everything else is `NotOurs` and is
+  forwarded upstream.
 """
 
 from __future__ import annotations
@@ -223,8 +225,11 @@ class Records:
                 v6.extend(entry.v6)
         if found:
             return self._answer(scope, name, qtype, _unique(v4), _unique(v6), rotation)
-        # Only the domains of the client's own networks are netstack's for this client: a
-        # name under another network's domain is forwarded, as for any other name.
+        # A name some other network defines is NXDOMAIN to this client (scoping). Beyond
+        # that, only the domains of the client's own networks are netstack's for it: another
+        # name under another network's domain (which may be a real one) is forwarded.
+        if any(name in names for names in self.names.values()):
+            return NXDOMAIN
         domains = [self.domains[n] for n in scope if n in self.domains]
         if name in domains:
             return NODATA

@@ -276,9 +276,11 @@ def test_domain_answers_name_dot_domain(records: Records) -> None:
 
 
 def test_domain_names_are_scoped_too(records: Records) -> None:
-    # db is not on front: corp.test is not netstack's for it (a network's domain may be
-    # a real one, e.g. the company's; other sandboxes must still reach it upstream).
-    assert isinstance(records.lookup(DB, "web1.corp.test", "A"), NotOurs)
+    # db is not on front: web1.corp.test is a name of front, so NXDOMAIN to db; but other
+    # names under corp.test are not netstack's for db (a network's domain may be a real
+    # one, e.g. the company's; other sandboxes must still reach it upstream).
+    assert isinstance(records.lookup(DB, "web1.corp.test", "A"), NxDomain)
+    assert isinstance(records.lookup(DB, "intranet.corp.test", "A"), NotOurs)
     # app is on front, but "api" is its alias on back, which has no domain.
     assert isinstance(records.lookup(APP_BACK, "api.corp.test", "A"), NxDomain)
 
