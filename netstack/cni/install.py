@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from netstack.cni.spec import LATEST, NETWORK_NAME
+from netstack.cni.spec import NETWORK_NAME
 from netstack.errors import InvalidArgument, KernelError
 
 PLUGIN_NAME = "netstack"
@@ -48,10 +48,15 @@ def plugin_script(python: str, env: dict[str, str], package_root: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The example conflist's version: the newest one the runtimes in use can read (podman 4.3's
+# libcni 1.1 and containerd 1.6 reject a 1.1.0 result). The plugin itself speaks 1.1.0 too.
+CONFLIST_VERSION = "1.0.0"
+
+
 def example_conflist(network: str) -> dict[str, Any]:
     """A conflist running netstack first, with the capabilities it handles itself."""
     return {
-        "cniVersion": LATEST,
+        "cniVersion": CONFLIST_VERSION,
         "name": network,
         "plugins": [
             {

@@ -351,7 +351,9 @@ def test_sandbox_namespace_gone(host: Host, base: dict[str, str]) -> None:
 
     refused = host.netctl("network", "connect", "base", gone, check=False)
 
-    assert_error(refused, 1, f"the network namespace of sandbox '{gone}' is gone")
+    assert_error(
+        refused, 1, f"the network namespace of sandbox '{gone}' (/run/netns/{gone}) is gone"
+    )
     assert_unchanged(before, snapshot(host, list(base.values())))
     host.netctl("network", "rm", "--force", "base")
     assert not netstack_links(host.links()), host.links()
