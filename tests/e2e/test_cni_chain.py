@@ -1,9 +1,10 @@
 """End to end: netstack chained with Debian's reference CNI plugins.
 
-The conflist is netstack → portmap → bandwidth → tuning. netstack does the interface and
-address (it does not declare the portMappings capability here: portmap publishes the
+The conflist is netstack → portmap → bandwidth → tuning → firewall. netstack does the
+interface and address (it does not declare the portMappings capability here: portmap publishes the
 port, with iptables), bandwidth shapes the host veth and adds an ifb device for egress,
-tuning sets a sysctl in the container. It is run twice: by a runner doing what libcni
+tuning sets a sysctl in the container, firewall admits the container's address in its
+CNI-FORWARD chain (iptables). It is run twice: by a runner doing what libcni
 does (every step visible), and by podman (a real runtime, its own libcni).
 """
 
@@ -44,7 +45,7 @@ from cni_runtime import (
 if TYPE_CHECKING:
     from conftest import Host
 
-CHAIN = ("portmap", "bandwidth", "tuning")
+CHAIN = ("portmap", "bandwidth", "tuning", "firewall")
 _missing = missing_reference_plugins(*CHAIN) + missing_tools("iptables", "tc")
 pytestmark = [
     pytest.mark.root,
@@ -66,7 +67,8 @@ BURST = 100_000_000  # bits
 
 
 def chain_conflist(name: str, bandwidth_capability: bool) -> dict[str, Any]:
-    """netstack → portmap → bandwidth → tuning; bandwidth from runtimeConfig or static."""
+    """netstack → portmap → bandwidth → tuning → firewall; bandwidth from runtimeConfig
+    or static."""
     bandwidth: dict[str, Any] = {"type": "bandwidth"}
     if bandwidth_capability:
         bandwidth["capabilities"] = {"bandwidth": True}
@@ -85,6 +87,7 @@ def chain_conflist(name: str, bandwidth_capability: bool) -> dict[str, Any]:
             {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
             bandwidth,
             {"type": "tuning", "sysctl": {"net.core.somaxconn": SOMAXCONN}},
+            {"type": "firewall", "backend": "iptables"},
         ],
     }
 
@@ -120,6 +123,12 @@ def nft_chains(host: Host) -> list[str]:
     ]
 
 
+def firewall_rules(host: Host) -> list[str]:
+    """The firewall plugin's rules: its CNI-FORWARD chain and the admin chain it feeds."""
+    rules = ns_run(host.netns_path, "iptables", "-w", "-t", "filter", "-S").splitlines()
+    return [rule for rule in rules if "CNI-" in rule]
+
+
 def shaping(host: Host, device: str) -> list[str]:
     """The kinds of the qdiscs on device in the host namespace."""
     return sorted(q["kind"] for q in qdiscs(host.netns_path) if q["dev"] == device)
@@ -136,7 +145,7 @@ def mirred_targets(host: Host, device: str) -> set[str]:
     }
 
 
-def test_chain_by_hand_portmap_bandwidth_tuning(host: Host, tmp_path: Path) -> None:
+def test_chain_by_hand_portmap_bandwidth_tuning_firewall(host: Host, tmp_path: Path) -> None:
     """ADD/CHECK/DEL through the chain as libcni runs it; traffic via portmap's port."""
     out = host.outside()
     bin_dir = tmp_path / "bin"
@@ -163,7 +172,7 @@ def test_chain_by_hand_portmap_bandwidth_tuning(host: Host, tmp_path: Path) -> N
     result = runner.add(attachment)
 
     assert runner.sequence() == [("ADD", t) for t in ("netstack", *CHAIN)]
-    netstack_call, portmap_call, bandwidth_call, _ = runner.calls
+    netstack_call, portmap_call, bandwidth_call, _, firewall_call = runner.calls
     assert "runtimeConfig" not in netstack_call.stdin  # portMappings are portmap's here
     assert portmap_call.stdin["runtimeConfig"] == {
         "portMappings": attachment.capability_args["portMappings"]
@@ -210,6 +219,12 @@ def test_chain_by_hand_portmap_bandwidth_tuning(host: Host, tmp_path: Path) -> N
     assert ns_run(netns, "cat", "/proc/sys/net/core/somaxconn").strip() == SOMAXCONN
     assert ns_run(host.netns_path, "cat", "/proc/sys/net/core/somaxconn").strip() != SOMAXCONN
 
+    # firewall: got the whole result (netstack's interfaces and address) and admits the
+    # container's address in CNI-FORWARD, beside netstack's own table; traffic still flows.
+    assert firewall_call.stdin["prevResult"]["ips"] == ours["ips"]
+    assert any(f"-d {container_ip}/32" in rule for rule in firewall_rules(host))
+    assert any(f"-s {container_ip}/32" in rule for rule in firewall_rules(host))
+
     # CHECK through the chain with the cached result, as a runtime does. portmap 1.1.1
     # looks for IPv6 rules it never made on an IPv4-only attachment and fails
     # (containernetworking/plugins#819, fixed upstream later): tolerate exactly that.
@@ -225,7 +240,7 @@ def test_chain_by_hand_portmap_bandwidth_tuning(host: Host, tmp_path: Path) -> N
     # DEL in reverse order, each plugin given the cached result.
     runner.calls.clear()
     runner.delete(attachment, result)
-    assert runner.sequence() == [("DEL", t) for t in ("tuning", "bandwidth", "portmap", "netstack")]
+    assert runner.sequence() == [("DEL", t) for t in (*reversed(CHAIN), "netstack")]
     assert all(call.stdin["prevResult"] == result for call in runner.calls)
     assert host_veth["name"] not in link_names(host.netns_path)
     assert ifb not in link_names(host.netns_path)
@@ -234,6 +249,7 @@ def test_chain_by_hand_portmap_bandwidth_tuning(host: Host, tmp_path: Path) -> N
     assert endpoints(host, "chain") == []
     assert not any(s["Name"].startswith("cni/") for s in host.netctl_json("sandbox", "ls"))
     assert portmap_rules(host) == []
+    assert not any(container_ip in rule for rule in firewall_rules(host))
     assert not any("CNI-DN-" in chain for chain in nft_chains(host))
     assert not any(str(HOST_PORT) in rule for rule in nat_rules(host.netns_path))
     assert tcp_exchange(out.name, out.host_addr4, HOST_PORT, b"", 1.0) is None
@@ -242,7 +258,7 @@ def test_chain_by_hand_portmap_bandwidth_tuning(host: Host, tmp_path: Path) -> N
     # DEL again (a runtime retries): every plugin says success.
     runner.calls.clear()
     runner.delete(attachment, result)
-    assert [c.code for c in runner.calls] == [0, 0, 0, 0]
+    assert [c.code for c in runner.calls] == [0] * (len(CHAIN) + 1)
 
     # The address is free: another container asks for exactly it and gets it.
     alone = {**runner.conflist, "plugins": runner.conflist["plugins"][:1]}
