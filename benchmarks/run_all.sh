@@ -5,6 +5,7 @@
 # Needs root: connect_scaling, publish_scaling, iperf_dnat and dns_qps work inside throwaway
 # network namespaces nst-bench-<pid>* (iperf_dnat also needs iperf3; dns_qps needs dnsperf,
 # aardvark-dns and dnsmasq-base: `.ci/setup --test` installs them).
+# docker_run runs a private dockerd (docker.io, runc, busybox-static) in its namespace.
 set -u -o pipefail
 case "${1:-}" in
   "" | --quick) ;;
@@ -13,7 +14,7 @@ esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py=${PYTHON:-python3}
 rc=0
-for bench in ipam_fill connect_scaling publish_scaling iperf_dnat dns_qps; do
+for bench in ipam_fill connect_scaling publish_scaling iperf_dnat dns_qps docker_run; do
   echo "=== $bench ${1:-}"
   "$py" "$here/$bench.py" ${1:+"$1"} || { r=$?; echo "=== $bench FAILED (rc=$r)"; [ "$rc" = 0 ] && rc=$r; }
   echo

@@ -40,6 +40,11 @@ CREATE INDEX IF NOT EXISTS ipam_addresses_owner ON ipam_addresses(owner);
 
 _BATCH = 512
 
+# Owner of addresses, and network id of pools, handed out ahead of the network or endpoint
+# that will use them (Docker's IPAM driver protocol asks for a pool and its addresses before
+# it creates the network and its endpoints). The network or endpoint claims them later.
+PENDING = "pending"
+
 
 def _width(version: int) -> int:
     return 4 if version == 4 else 16
@@ -107,6 +112,47 @@ class AddressAllocator:
             self.reserve(pool_id, address, f"aux:{name}")
         return pool_id
 
+    def add_pending_pool(self, spec: PoolSpec) -> Pool:
+        """Store a pool held for a network not created yet; nothing reserved in it.
+
+        Raises Conflict when the subnet overlaps a stored pool (the caller checks first and
+        names the owner).
+        """
+        clash = self.network_of_subnet(spec.subnet)
+        if clash is not None:
+            raise Conflict(f"subnet {spec.subnet} overlaps {clash[1]}, already in use")
+        version = spec.subnet.version
+        cur = self.conn.execute(
+            "INSERT INTO ipam_pools(network_id, subnet, version, first, last) VALUES (?,?,?,?,?)",
+            (PENDING, str(spec.subnet), version, _pack(spec.first, version),
+             _pack(spec.last, version)),
+        )  # fmt: skip
+        assert cur.lastrowid is not None
+        return Pool(cur.lastrowid, PENDING, spec.subnet, spec.first, spec.last)
+
+    def pool_of_subnet(self, subnet: IPNetwork) -> Pool | None:
+        """The stored pool of exactly this subnet, pending or a network's."""
+        row = self.conn.execute(
+            "SELECT id, network_id, subnet, first, last FROM ipam_pools WHERE subnet=?",
+            (str(subnet),),
+        ).fetchone()
+        if row is None:
+            return None
+        return Pool(row[0], row[1], ipaddress.ip_network(row[2]), _unpack(row[3]), _unpack(row[4]))
+
+    def claim_pool(self, subnet: IPNetwork, network_id: str) -> Pool | None:
+        """Give the pending pool of exactly `subnet` to a network; None if there is none."""
+        pool = self.pool_of_subnet(subnet)
+        if pool is None or pool.network_id != PENDING:
+            return None
+        self.conn.execute("UPDATE ipam_pools SET network_id=? WHERE id=?", (network_id, pool.id))
+        return Pool(pool.id, network_id, pool.subnet, pool.first, pool.last)
+
+    def remove_pool(self, pool_id: int) -> None:
+        """Forget one pool and its addresses. Idempotent."""
+        self.conn.execute("DELETE FROM ipam_addresses WHERE pool_id=?", (pool_id,))
+        self.conn.execute("DELETE FROM ipam_pools WHERE id=?", (pool_id,))
+
     def pools(self, network_id: str) -> list[Pool]:
         """The network's pools, IPv4 first."""
         rows = self.conn.execute(
@@ -149,9 +195,26 @@ class AddressAllocator:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def request(self, pool: Pool, owner: str, preferred: IPAddress | None = None) -> IPAddress:
+    def claim(self, pool_id: int, address: IPAddress, owner: str) -> None:
+        """Make `owner` hold `address`: a PENDING address changes hands, a free one is
+        reserved. Idempotent for the same owner; raises Conflict if someone else holds it."""
+        holder = self.owner_of(pool_id, address)
+        if holder == owner:
+            return
+        if holder == PENDING:
+            self.conn.execute(
+                "UPDATE ipam_addresses SET owner=? WHERE pool_id=? AND address=?",
+                (owner, pool_id, _pack(int(address), address.version)),
+            )
+            return
+        self.reserve(pool_id, address, owner)
+
+    def request(
+        self, pool: Pool, owner: str, preferred: IPAddress | None = None, claim: bool = False
+    ) -> IPAddress:
         """Allocate an address of `pool` to `owner`: `preferred` if given, else the next free.
 
+        With `claim`, a preferred address held PENDING (handed out ahead) is taken over.
         Raises InvalidArgument for a preferred address outside the subnet, Conflict when it is
         taken, Exhausted when the pool has no free address.
         """
@@ -161,7 +224,10 @@ class AddressAllocator:
                 raise InvalidArgument(
                     f"address {preferred} is not a usable address of subnet {pool.subnet}"
                 )
-            self.reserve(pool.id, preferred, owner)
+            if claim:
+                self.claim(pool.id, preferred, owner)
+            else:
+                self.reserve(pool.id, preferred, owner)
             return preferred
         row = self.conn.execute("SELECT cursor FROM ipam_pools WHERE id=?", (pool.id,)).fetchone()
         start = pool.first if row[0] is None else _unpack(row[0]) + 1

@@ -22,6 +22,7 @@ from netstack import faults, network_options, ports
 from netstack.drivers.api import NetworkDriver
 from netstack.errors import Conflict, InUse, InvalidArgument, KernelError, NetstackError, NotFound
 from netstack.ipam import AddressAllocator, choose_default_pool, default_ipv6_pool, make_pool_spec
+from netstack.ipam.allocator import PENDING
 from netstack.ipam.pools import parse_address, parse_network
 from netstack.kernel import links, netns, sockets
 from netstack.model import Endpoint, IPAddress, IPNetwork, JoinOptions, Network, PoolConfig, Sandbox
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # 63: a name is also a DNS label (sandbox names and aliases are resolvable).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def validate_name(name: str, what: str) -> str:
@@ -78,6 +80,8 @@ class NetworkRequest:
     internal: bool = False
     options: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    id: str | None = None  # the caller's id for the network (Docker's); default: a new one
+    claim_pools: bool = False  # take over pending pools of these subnets (IPAM asked ahead)
 
 
 @dataclass
@@ -172,6 +176,10 @@ class Controller:
         if self._on_change is not None:
             self._on_change()
 
+    def host_routes(self) -> list[IPNetwork]:
+        """Destinations routed in the host namespace (default pools avoid them)."""
+        return self._host_routes()
+
     # lookups --------------------------------------------------------------------------------
     def network(self, name_or_id: str) -> Network:
         network = self.store.find_network(name_or_id)
@@ -202,7 +210,11 @@ class Controller:
         """Validate, reserve pools, build the dataplane. All or nothing."""
         validate_name(request.name, "network")
         driver = self.driver(request.driver)
-        network_id = secrets.token_hex(32)
+        network_id = request.id or secrets.token_hex(32)
+        if not _ID.fullmatch(network_id):
+            raise InvalidArgument(f"invalid network id {network_id!r}: give 64 hex digits")
+        if self.store.find_network(network_id) is not None:
+            raise Conflict(f"network id {network_id[:12]} already exists")
         own, driver_keys = network_options.split(request.options)
         options = {
             **driver.validate_options(driver_keys, network_id),
@@ -267,22 +279,34 @@ class Controller:
         )
         specs = []
         for pool in requested:
-            clash = allocator.network_of_subnet(pool.subnet)
-            if clash is not None:
-                owner = next((n.name for n in self.store.networks() if n.id == clash[0]), "?")
-                raise Conflict(
-                    f"subnet {pool.subnet} overlaps network {owner!r} ({clash[1]}); "
-                    "choose another --subnet"
-                )
             spec = make_pool_spec(pool.subnet, pool.gateway, pool.ip_range, pool.aux)
-            specs.append(spec)
             network.pools.append(
                 PoolConfig(spec.subnet, spec.gateway, spec.ip_range, dict(spec.aux_addresses))
             )
+            claimed = allocator.claim_pool(pool.subnet, network_id) if request.claim_pools else None
+            if claimed is not None:  # handed out ahead: its addresses change hands
+                allocator.claim(claimed.id, spec.gateway, "gateway")
+                for name, address in spec.aux_addresses.items():
+                    allocator.claim(claimed.id, address, f"aux:{name}")
+                continue
+            clash = allocator.network_of_subnet(pool.subnet)
+            if clash is not None:
+                raise Conflict(
+                    f"subnet {pool.subnet} overlaps {self.describe_pool_holder(clash[0])} "
+                    f"({clash[1]}); choose another --subnet"
+                )
+            specs.append(spec)
         self.store.insert_network(conn, network)
         for spec in specs:
             allocator.add_pool(network_id, spec)
         return network
+
+    def describe_pool_holder(self, network_id: str) -> str:
+        """How an overlap message names a pool's holder."""
+        if network_id == PENDING:
+            return "an address pool handed out to Docker (IpamDriver.RequestPool)"
+        owner = next((n.name for n in self.store.networks() if n.id == network_id), "?")
+        return f"network {owner!r}"
 
     def _forget_network(self, network_id: str) -> None:
         with self.store.transaction() as conn:
@@ -339,31 +363,9 @@ class Controller:
             )
         if request.join is not None and request.join.ifname is not None:
             validate_ifname(request.join.ifname, "interface name")
-        ip = parse_address(request.ip, "--ip") if request.ip else None
-        ip6 = parse_address(request.ip6, "--ip6") if request.ip6 else None
-        if ip is not None and ip.version != 4:
-            raise InvalidArgument(f"--ip {ip} is not an IPv4 address; use --ip6 for IPv6")
-        if ip6 is not None and ip6.version != 6:
-            raise InvalidArgument(f"--ip6 {ip6} is not an IPv6 address; use --ip for IPv4")
-        mac = random_mac()
-        if request.mac is not None:
-            mac = request.mac.lower()
-            if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
-                raise InvalidArgument(
-                    f"invalid --mac {request.mac!r}: give a unicast MAC like 02:42:ac:11:00:02"
-                )
-        for alias in request.aliases:
-            validate_name(alias, "alias")
+        endpoint, ip, ip6 = self._new_endpoint(network, sandbox.name, request)
         port_requests = self._port_requests(network, request.ports)
         driver = self.driver(network.driver)
-        endpoint = Endpoint(
-            id=secrets.token_hex(32),
-            network_id=network.id,
-            sandbox=sandbox.name,
-            mac=mac,
-            aliases=list(dict.fromkeys(request.aliases)),
-            created=now(),
-        )
         with ExitStack() as undo:
             with self.store.transaction() as conn:
                 self._reserve_endpoint(conn, network, endpoint, ip, ip6)
@@ -396,6 +398,37 @@ class Controller:
         )
         return endpoint
 
+    def _new_endpoint(
+        self, network: Network, sandbox: str, request: ConnectRequest, endpoint_id: str = ""
+    ) -> tuple[Endpoint, IPAddress | None, IPAddress | None]:
+        """Validate a connect request: the endpoint (no addresses yet) and the wanted ones."""
+        ip = parse_address(request.ip, "--ip") if request.ip else None
+        ip6 = parse_address(request.ip6, "--ip6") if request.ip6 else None
+        if ip is not None and ip.version != 4:
+            raise InvalidArgument(f"--ip {ip} is not an IPv4 address; use --ip6 for IPv6")
+        if ip6 is not None and ip6.version != 6:
+            raise InvalidArgument(f"--ip6 {ip6} is not an IPv6 address; use --ip for IPv4")
+        mac = random_mac()
+        if request.mac is not None:
+            mac = request.mac.lower()
+            if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
+                raise InvalidArgument(
+                    f"invalid --mac {request.mac!r}: give a unicast MAC like 02:42:ac:11:00:02"
+                )
+        for alias in request.aliases:
+            validate_name(alias, "alias")
+        if endpoint_id and not _ID.fullmatch(endpoint_id):
+            raise InvalidArgument(f"invalid endpoint id {endpoint_id!r}: give 64 hex digits")
+        endpoint = Endpoint(
+            id=endpoint_id or secrets.token_hex(32),
+            network_id=network.id,
+            sandbox=sandbox,
+            mac=mac,
+            aliases=list(dict.fromkeys(request.aliases)),
+            created=now(),
+        )
+        return endpoint, ip, ip6
+
     def _port_requests(self, network: Network, specs: list[str]) -> list[ports.PortRequest]:
         """Parse `-p` specs and check the network can publish them."""
         if not specs:
@@ -427,12 +460,17 @@ class Controller:
         endpoint: Endpoint,
         ip: IPAddress | None,
         ip6: IPAddress | None,
+        claim: bool = False,
     ) -> None:
-        """Inside one write transaction: the duplicate check, addresses, the endpoint row."""
+        """Inside one write transaction: the duplicate check, addresses, the endpoint row.
+
+        With `claim`, wanted addresses handed out ahead (PENDING) are taken over."""
         if self.store.find_endpoint(network.id, endpoint.sandbox) is not None:
             raise Conflict(
                 f"sandbox {endpoint.sandbox!r} is already connected to network {network.name!r}"
             )
+        if self.store.endpoint_by_id(endpoint.id) is not None:
+            raise Conflict(f"endpoint {endpoint.id[:12]} already exists")
         allocator = AddressAllocator(conn)
         pools = {p.subnet.version: p for p in allocator.pools(network.id)}
         if ip6 is not None and 6 not in pools:
@@ -442,16 +480,16 @@ class Controller:
             )
         for pool, wanted in ((pools.get(4), ip), (pools.get(6), ip6)):
             holder = None if pool is None or wanted is None else allocator.owner_of(pool.id, wanted)
-            if holder is not None:
+            if holder is not None and not (claim and holder == PENDING):
                 raise Conflict(
                     f"address {wanted} is already in use by {self._describe_owner(holder)}; "
                     "choose another address"
                 )
         if 4 in pools:
-            address = allocator.request(pools[4], endpoint.id, ip)
+            address = allocator.request(pools[4], endpoint.id, ip, claim)
             endpoint.ipv4 = ipaddress.IPv4Interface(f"{address}/{pools[4].subnet.prefixlen}")
         if 6 in pools:
-            address = allocator.request(pools[6], endpoint.id, ip6)
+            address = allocator.request(pools[6], endpoint.id, ip6, claim)
             endpoint.ipv6 = ipaddress.IPv6Interface(f"{address}/{pools[6].subnet.prefixlen}")
         self.store.insert_endpoint(conn, endpoint)
 
@@ -501,6 +539,128 @@ class Controller:
             endpoint.sandbox,
             endpoint.id[:12],
         )
+
+    # endpoints step by step (Docker: CreateEndpoint, Join, Program..., Leave, DeleteEndpoint)
+    def endpoint(self, endpoint_id: str) -> Endpoint:
+        endpoint = self.store.endpoint_by_id(endpoint_id)
+        if endpoint is None:
+            raise NotFound(f"endpoint {endpoint_id[:12]} not found; it was never made or is gone")
+        return endpoint
+
+    def create_endpoint(
+        self,
+        network_name: str,
+        endpoint_id: str,
+        sandbox_name: str,
+        request: ConnectRequest,
+        claim: bool = False,
+    ) -> Endpoint:
+        """Reserve an endpoint's addresses and record it under `sandbox_name` (a placeholder
+        until `join_endpoint`); nothing in the kernel yet. With `claim`, addresses handed out
+        ahead (PENDING) are taken over. All or nothing; undo: delete_endpoint."""
+        network = self.network(network_name)
+        endpoint, ip, ip6 = self._new_endpoint(network, sandbox_name, request, endpoint_id)
+        self.driver(network.driver).create_endpoint(network, endpoint)
+        with self.store.transaction() as conn:
+            self._reserve_endpoint(conn, network, endpoint, ip, ip6, claim)
+        log.info("network=%s endpoint=%s created", network.id[:12], endpoint.id[:12])
+        return endpoint
+
+    def join_endpoint(
+        self, endpoint_id: str, sandbox_name: str, sandbox_path: str, options: JoinOptions
+    ) -> Endpoint:
+        """Adopt the namespace at `sandbox_path` as sandbox `sandbox_name` (never deleted by
+        netstack) and join the endpoint to it as `options` say. All or nothing."""
+        endpoint = self.endpoint(endpoint_id)
+        network = self.network(endpoint.network_id)
+        driver = self.driver(network.driver)
+        fresh = self.store.find_sandbox(sandbox_name) is None
+        sandbox = self.adopt_sandbox(sandbox_name, sandbox_path)
+        with ExitStack() as undo:
+            if fresh:
+                undo.callback(self._forget_empty_sandbox, sandbox_name)
+            endpoint.interface = driver.join(network, endpoint, sandbox, options)
+            undo.callback(driver.delete_endpoint, network, endpoint)
+            with self.store.transaction() as conn:
+                self.store.update_endpoint_sandbox(conn, endpoint.id, sandbox_name)
+                self.store.update_endpoint_interface(conn, endpoint.id, endpoint.interface)
+            undo.pop_all()
+        endpoint.sandbox = sandbox_name
+        self._changed()
+        log.info(
+            "network=%s sandbox=%s endpoint=%s joined as %s",
+            network.id[:12],
+            sandbox_name,
+            endpoint.id[:12],
+            endpoint.interface,
+        )
+        return endpoint
+
+    def leave_endpoint(self, endpoint_id: str, placeholder: str) -> None:
+        """Record the endpoint as no longer in its sandbox (named `placeholder` again); forget
+        the sandbox when it has no endpoint left. The kernel is left to delete_endpoint."""
+        endpoint = self.endpoint(endpoint_id)
+        with self.store.transaction() as conn:
+            self.store.update_endpoint_sandbox(conn, endpoint.id, placeholder)
+        self._forget_empty_sandbox(endpoint.sandbox)
+        self._changed()
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        """Unpublish, delete the interface, free the addresses, forget the endpoint (and its
+        sandbox when it was the last one). Idempotent: an unknown endpoint is nothing to do."""
+        endpoint = self.store.endpoint_by_id(endpoint_id)
+        if endpoint is None:
+            return
+        try:
+            self._disconnect(self.network(endpoint.network_id), endpoint)
+        finally:
+            self._forget_empty_sandbox(endpoint.sandbox)
+            self._changed()
+
+    def _forget_empty_sandbox(self, name: str) -> None:
+        """Forget an adopted sandbox that has no endpoints left (its namespace stays)."""
+        sandbox = self.store.find_sandbox(name)
+        if sandbox is not None and sandbox.external and not self.store.endpoints(sandbox=name):
+            with self.store.transaction() as conn:
+                self.store.delete_sandbox(conn, name)
+
+    def publish(self, endpoint_id: str, specs: list[str]) -> Endpoint:
+        """Publish `-p` specs for a joined endpoint, replacing what it published before.
+        Host ports are chosen as for connect; the endpoint comes back with its bindings.
+        All or nothing; undo: unpublish."""
+        endpoint = self.endpoint(endpoint_id)
+        network = self.network(endpoint.network_id)
+        requests = self._port_requests(network, specs)
+        self.unpublish(endpoint_id)
+        endpoint.ports = []
+        if not requests:
+            return endpoint
+        driver = self.driver(network.driver)
+        with ExitStack() as undo:
+            with self.store.transaction() as conn:
+                endpoint.ports = ports.assign(requests, self.store.all_ports(), sockets.bound_ports)
+                self.store.insert_ports(conn, endpoint.id, endpoint.ports)
+            undo.callback(self._forget_ports, endpoint.id)
+            driver.program_external_connectivity(network, endpoint)
+            undo.pop_all()
+        self._changed()
+        return endpoint
+
+    def unpublish(self, endpoint_id: str) -> None:
+        """Remove every published port of the endpoint. Idempotent."""
+        endpoint = self.store.endpoint_by_id(endpoint_id)
+        if endpoint is None or not endpoint.ports:
+            return
+        network = self.network(endpoint.network_id)
+        try:
+            self.driver(network.driver).revoke_external_connectivity(network, endpoint)
+        finally:
+            self._forget_ports(endpoint.id)
+            self._changed()
+
+    def _forget_ports(self, endpoint_id: str) -> None:
+        with self.store.transaction() as conn:
+            self.store.delete_ports(conn, endpoint_id)
 
     def _repair_default_routes(self, sandbox_name: str) -> None:
         """After a disconnect, let the next network (in connection order) provide the default

@@ -125,7 +125,11 @@ class JoinOptions:
     `ifname`: the interface name in the sandbox (default: the lowest free ethN).
     `routes`: exactly these routes (default, None: a default route per family via the
     network's gateway, if the sandbox has none yet; Docker's behaviour).
+    `peer_in_host`: the caller moves the interface into the sandbox itself and configures
+    it (Docker's engine does): both ends stay in the host namespace, the sandbox end
+    unaddressed and down; join returns its name there. `ifname` and `routes` are ignored.
     """
 
     ifname: str | None = None
     routes: tuple[Route, ...] | None = None
+    peer_in_host: bool = False

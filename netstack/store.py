@@ -310,6 +310,24 @@ class Store:
     ) -> None:
         conn.execute("UPDATE endpoints SET interface=? WHERE id=?", (interface, endpoint_id))
 
+    def update_endpoint_sandbox(
+        self, conn: sqlite3.Connection, endpoint_id: str, sandbox: str
+    ) -> None:
+        conn.execute("UPDATE endpoints SET sandbox=? WHERE id=?", (sandbox, endpoint_id))
+
+    def endpoint_by_id(self, endpoint_id: str) -> Endpoint | None:
+        row = self.conn.execute(
+            f"SELECT {self._ENDPOINT_COLUMNS} FROM endpoints WHERE id=?", (endpoint_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        endpoint = self._endpoint(row)
+        endpoint.ports = self.ports_of(endpoint_id)
+        return endpoint
+
+    def delete_ports(self, conn: sqlite3.Connection, endpoint_id: str) -> None:
+        conn.execute("DELETE FROM port_bindings WHERE endpoint_id=?", (endpoint_id,))
+
     def delete_endpoint(self, conn: sqlite3.Connection, endpoint_id: str) -> None:
         """Forget an endpoint and its published ports. Idempotent."""
         conn.execute("DELETE FROM port_bindings WHERE endpoint_id=?", (endpoint_id,))

@@ -13,7 +13,7 @@ from netstack.drivers.bridge.options import BridgeOptions
 
 from netstack import faults
 from netstack.errors import Conflict, KernelError
-from netstack.kernel import conntrack, links, sysctl
+from netstack.kernel import coexist, conntrack, links, sysctl
 from netstack.kernel.nftables import Nftables
 from netstack.model import (
     Endpoint,
@@ -29,11 +29,17 @@ from netstack.network_options import driver_options
 log = logging.getLogger(__name__)
 
 VETH_HOST_PREFIX = "nsv"
+VETH_PEER_PREFIX = "nsp"
 
 
 def host_veth_name(endpoint_id: str) -> str:
     """The host end of an endpoint's veth pair (15 bytes, findable by prefix)."""
     return f"{VETH_HOST_PREFIX}{endpoint_id[:12]}"
+
+
+def peer_veth_name(endpoint_id: str) -> str:
+    """The sandbox end's name while it is in the host namespace (JoinOptions.peer_in_host)."""
+    return f"{VETH_PEER_PREFIX}{endpoint_id[:12]}"
 
 
 def bridge_mac(network_id: str) -> str:
@@ -97,6 +103,7 @@ class BridgeDriver:
             undo.callback(self._delete_elements, facts)
             faults.checkpoint("network-create:after-firewall")
             undo.pop_all()
+        coexist.allow(options.bridge_name, self.nft)  # where dockerd's FORWARD may drop
         log.info("network=%s bridge=%s created", network.id[:12], options.bridge_name)
 
     def _delete_elements(self, facts: firewall.NetworkFacts) -> None:
@@ -116,6 +123,7 @@ class BridgeDriver:
     def delete_network(self, network: Network) -> None:
         options = self.options_of(network)
         self._delete_elements(facts_of(network, options))
+        coexist.revoke(options.bridge_name, self.nft)
         links.delete_link(options.bridge_name)
         log.info("network=%s bridge=%s deleted", network.id[:12], options.bridge_name)
 
@@ -134,11 +142,14 @@ class BridgeDriver:
     ) -> str:
         """Create the veth pair with its peer inside the sandbox as `options.ifname` or the
         lowest free ethN, address it, route it (`options.routes`, or a default route per
-        family). Undo: delete_endpoint."""
+        family). With `options.peer_in_host` (Docker), both ends stay in the host namespace
+        and the peer, unconfigured, is the caller's to move. Undo: delete_endpoint."""
         options = options or JoinOptions()
         bridge = self.options_of(network)
         gateways = [p.gateway for p in network.pools if p.gateway]
         where = sandbox.path
+        if options.peer_in_host:
+            return self._join_peer_in_host(endpoint, bridge)
 
         def create(ifname: str) -> None:
             links.create_veth(
@@ -176,6 +187,29 @@ class BridgeDriver:
             where, ifname, endpoint.interfaces(), default_via, routes=routes
         )
         return ifname
+
+    @staticmethod
+    def _join_peer_in_host(endpoint: Endpoint, bridge: BridgeOptions) -> str:
+        """Both ends in the host namespace (JoinOptions.peer_in_host); the peer's name."""
+        host, peer = host_veth_name(endpoint.id), peer_veth_name(endpoint.id)
+
+        def create() -> None:
+            links.create_veth(
+                host,
+                peer,
+                master=bridge.bridge_name,
+                mtu=bridge.mtu,
+                peer_mac=endpoint.mac,
+                isolated=not bridge.icc,
+            )
+
+        try:
+            create()
+        except Conflict:  # a retried join: start afresh
+            links.delete_link(host)
+            links.delete_link(peer)
+            create()
+        return peer
 
     def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
         links.delete_link(host_veth_name(endpoint.id))

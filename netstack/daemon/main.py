@@ -26,14 +26,18 @@ from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, relay_targets
+from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
 from netstack.drivers.bridge import BridgeDriver
 from netstack.errors import Conflict, InvalidArgument, NetstackError
+from netstack.kernel import coexist
+from netstack.kernel.nftables import Nftables
 from netstack.resolvconf import host_resolv_conf
 from netstack.store import Store, state_dir
 
 log = logging.getLogger("netstackd")
 
 WATCH_INTERVAL = 0.02
+COEXIST_INTERVAL = 1.0  # how soon a dockerd started later stops dropping netstack traffic
 
 
 def acquire_lock(directory: Path) -> IO[str]:
@@ -63,8 +67,9 @@ def acquire_lock(directory: Path) -> IO[str]:
 class Daemon:
     """The daemon's parts and their lifetime."""
 
-    def __init__(self, state: Path, runtime: Path) -> None:
+    def __init__(self, state: Path, runtime: Path, docker_plugin: Path | None = None) -> None:
         self.state = state
+        self.docker_plugin = docker_plugin  # the plugin socket to serve, if any
         self.runtime = runtime
         self.started = time.time()
         self.store = Store(state)
@@ -77,6 +82,11 @@ class Daemon:
         self.api.register("reload", self.reload_op)
         self.api.register("cni", self.cni_op)
         self._workers = threading.local()
+        self.plugin = PluginServer(self._controller, self.reload_soon)
+        self._reload_wanted = False
+        self._reloader: asyncio.Task[None] | None = None
+        self.bridges: list[str] = []
+        self._nft: Nftables | None = None
         self.stopping = asyncio.Event()
 
     async def status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +98,7 @@ class Daemon:
             "uptime": round(time.time() - self.started, 3),
             "dns": self.dns.status(),
             "relay": [str(target) for target in self.relay.listening()],
+            "docker_plugin": None if self.docker_plugin is None else str(self.docker_plugin),
         }
 
     async def reload_op(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +138,12 @@ class Daemon:
             networks = self.store.networks()
             endpoints = self.store.endpoints()
         self.generation += 1
+        self.bridges = [
+            BridgeDriver.options_of(network).bridge_name
+            for network in networks
+            if network.driver == BridgeDriver.name
+        ]
+        self._sync_coexist()
         await self.dns.update(*dns_config(networks, endpoints, self.generation))
         await self.relay.sync(relay_targets(endpoints))
         log.debug(
@@ -135,6 +152,21 @@ class Daemon:
             len(networks),
             len(endpoints),
         )
+
+    def reload_soon(self) -> None:
+        """Reload in the background, once for a burst of changes (a Docker plugin call
+        answers first; its next call on the same connection must not wait for this)."""
+        self._reload_wanted = True
+        if self._reloader is None or self._reloader.done():
+            self._reloader = asyncio.get_running_loop().create_task(self._reload_wanted_ones())
+
+    async def _reload_wanted_ones(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            try:
+                await self.reload()
+            except Exception:  # the watch loop retries; never lose the task silently
+                log.exception("reload failed")
 
     async def watch(self) -> None:
         """Follow the store: netctl and other writers commit there, the daemon reloads.
@@ -152,6 +184,20 @@ class Daemon:
                 await asyncio.sleep(1)
             await asyncio.sleep(WATCH_INTERVAL)
 
+    async def coexist(self) -> None:
+        """Keep dockerd's DOCKER-USER chains accepting netstack's bridges (kernel/coexist),
+        also when dockerd starts or restarts after netstackd."""
+        while True:
+            self._sync_coexist()
+            await asyncio.sleep(COEXIST_INTERVAL)
+
+    def _sync_coexist(self) -> None:
+        try:
+            self._nft = self._nft or Nftables()
+            coexist.sync(self.bridges, self._nft)
+        except Exception:  # nftables busy or missing: try again next round
+            log.exception("DOCKER-USER sync failed; retrying")
+
     async def run(self) -> None:
         sock = socket_path()
         self.runtime.mkdir(parents=True, exist_ok=True)
@@ -166,10 +212,15 @@ class Daemon:
         log.info("netstackd %s serving on %s (state %s)", __version__, sock, self.state)
         await self.reload()
         watcher = asyncio.create_task(self.watch())
+        coexisting = asyncio.create_task(self.coexist())
         try:
+            if self.docker_plugin is not None:
+                await self.plugin.start(self.docker_plugin)
             await self.stopping.wait()
         finally:
             watcher.cancel()
+            coexisting.cancel()
+            await self.plugin.close()
             await self.dns.close()
             await self.relay.close()
             self.store.close()
@@ -182,7 +233,29 @@ class Daemon:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="netstackd", description="netstack daemon")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--docker-plugin",
+        metavar="NAME",
+        nargs="?",
+        const="netstack",
+        default=os.environ.get("NETSTACK_DOCKER_PLUGIN") or None,
+        help="serve Docker's network and IPAM plugin API as NAME (default name: netstack) on "
+        "DIR/NAME.sock (env NETSTACK_DOCKER_PLUGIN)",
+    )
+    parser.add_argument(
+        "--docker-plugin-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="where Docker finds plugins (default: $NETSTACK_DOCKER_PLUGIN_DIR or "
+        "/run/docker/plugins)",
+    )
     args = parser.parse_args(argv)
+    docker_plugin = None
+    if args.docker_plugin:
+        if "/" in args.docker_plugin or args.docker_plugin.startswith("."):
+            parser.error(f"--docker-plugin {args.docker_plugin!r}: give a name, not a path")
+        docker_plugin = plugin_socket(args.docker_plugin_dir or plugin_dir(), args.docker_plugin)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -194,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netstackd: error: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(Daemon(state_dir(), run_dir()).run())
+        asyncio.run(Daemon(state_dir(), run_dir(), docker_plugin).run())
     except NetstackError as exc:
         print(f"netstackd: error: {exc}", file=sys.stderr)
         return 1

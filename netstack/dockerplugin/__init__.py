@@ -1,0 +1,1 @@
+"""Docker engine remote network driver and IPAM driver, served by netstackd."""

@@ -1,0 +1,157 @@
+"""Routes one plugin call to its handler and renders the answer; never raises.
+
+`handle(path, body, make_controller)` is the whole plugin API, sans I/O: the HTTP server
+(`server.py`) calls it in a worker thread with that thread's controller factory.
+Errors are answered with a non-2xx status and the interface's error field: ``{"Err": ...}``
+from the NetworkDriver (and Plugin.Activate), ``{"Error": ...}`` from the IpamDriver, which
+also carries ``Err`` because moby's plugin client reads only ``Err`` from a non-2xx answer
+(the IPAM protocol's ``Error`` is what its docs name). 404 is kept for unknown methods:
+moby reads a 404 as "the plugin does not implement this" and ignores it for some calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from netstack.controller import Controller
+from netstack.dockerplugin import ipam, network, wire
+from netstack.errors import NetstackError
+
+log = logging.getLogger(__name__)
+
+ControllerFactory = Callable[[], Controller]
+Handler = Callable[[Controller, Any], wire.Document]
+
+
+@dataclass(frozen=True)
+class Method:
+    interface: str  # "Plugin", "NetworkDriver" or "IpamDriver"
+    parse: Callable[[wire.Document], Any]
+    handler: Handler | None  # None: answered without the controller
+    mutates: bool = False  # netstackd re-reads the store after a successful call
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    document: wire.Document
+    changed: bool = False  # the store changed: netstackd's DNS and relay should follow
+
+    @property
+    def body(self) -> bytes:
+        return wire.encode(self.document)
+
+
+def _same(doc: wire.Document) -> wire.Document:
+    return doc
+
+
+ACTIVATE = {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+METHODS: dict[str, Method] = {
+    "Plugin.Activate": Method("Plugin", _same, None),
+    # NetworkDriver
+    "NetworkDriver.GetCapabilities": Method("NetworkDriver", _same, network.get_capabilities),
+    "NetworkDriver.CreateNetwork": Method(
+        "NetworkDriver", wire.CreateNetwork.parse, network.create_network, mutates=True
+    ),
+    "NetworkDriver.DeleteNetwork": Method(
+        "NetworkDriver", wire.NetworkRef.parse, network.delete_network, mutates=True
+    ),
+    "NetworkDriver.AllocateNetwork": Method("NetworkDriver", _same, network.allocate_network),
+    "NetworkDriver.FreeNetwork": Method("NetworkDriver", _same, network.nothing),
+    "NetworkDriver.CreateEndpoint": Method(
+        "NetworkDriver", wire.CreateEndpoint.parse, network.create_endpoint, mutates=True
+    ),
+    "NetworkDriver.EndpointOperInfo": Method(
+        "NetworkDriver", wire.EndpointRef.parse, network.endpoint_oper_info
+    ),
+    "NetworkDriver.DeleteEndpoint": Method(
+        "NetworkDriver", wire.EndpointRef.parse, network.delete_endpoint, mutates=True
+    ),
+    "NetworkDriver.Join": Method("NetworkDriver", wire.Join.parse, network.join, mutates=True),
+    "NetworkDriver.Leave": Method(
+        "NetworkDriver", wire.EndpointRef.parse, network.leave, mutates=True
+    ),
+    "NetworkDriver.DiscoverNew": Method("NetworkDriver", _same, network.nothing),
+    "NetworkDriver.DiscoverDelete": Method("NetworkDriver", _same, network.nothing),
+    "NetworkDriver.ProgramExternalConnectivity": Method(
+        "NetworkDriver",
+        wire.ProgramExternalConnectivity.parse,
+        network.program_external_connectivity,
+        mutates=True,
+    ),
+    "NetworkDriver.RevokeExternalConnectivity": Method(
+        "NetworkDriver",
+        wire.EndpointRef.parse,
+        network.revoke_external_connectivity,
+        mutates=True,
+    ),
+    # IpamDriver
+    "IpamDriver.GetCapabilities": Method("IpamDriver", _same, ipam.get_capabilities),
+    "IpamDriver.GetDefaultAddressSpaces": Method(
+        "IpamDriver", _same, ipam.get_default_address_spaces
+    ),
+    "IpamDriver.RequestPool": Method(
+        "IpamDriver", wire.RequestPool.parse, ipam.request_pool, mutates=True
+    ),
+    "IpamDriver.ReleasePool": Method(
+        "IpamDriver", wire.ReleasePool.parse, ipam.release_pool, mutates=True
+    ),
+    "IpamDriver.RequestAddress": Method(
+        "IpamDriver", wire.RequestAddress.parse, ipam.request_address, mutates=True
+    ),
+    "IpamDriver.ReleaseAddress": Method(
+        "IpamDriver", wire.ReleaseAddress.parse, ipam.release_address, mutates=True
+    ),
+}
+
+
+def error_document(interface: str, message: str) -> wire.Document:
+    if interface == "IpamDriver":
+        return {"Error": message, "Err": message}
+    return {"Err": message}
+
+
+def error_status(error: NetstackError) -> int:
+    """The error's HTTP status, except that 404 is kept for unknown methods (see above)."""
+    return 400 if error.http_status == 404 else error.http_status
+
+
+def method_of(path: str) -> str:
+    return path.split("?", 1)[0].lstrip("/")
+
+
+def handle(path: str, body: bytes, make_controller: ControllerFactory) -> Reply:
+    """One call: (path, body) -> reply. Never raises."""
+    name = method_of(path)
+    method = METHODS.get(name)
+    if method is None:
+        interface = name.partition(".")[0]
+        return Reply(
+            404,
+            error_document(interface, f"unknown plugin method {name!r}; netstack implements "
+                           "Plugin.Activate, NetworkDriver.* and IpamDriver.*"),
+        )  # fmt: skip
+    log.debug("%s %s", name, body[:4096].decode("utf-8", "replace"))
+    try:
+        request = method.parse(wire.decode(body))
+        if method.handler is None:
+            return Reply(200, ACTIVATE)
+        started = time.perf_counter()
+        document = method.handler(make_controller(), request)
+        log.debug("%s ok in %.1f ms", name, (time.perf_counter() - started) * 1000)
+        return Reply(200, document, changed=method.mutates)
+    except NetstackError as error:
+        log.info("%s failed: %s", name, error)
+        # a failed call may have changed the store half-way and undone it: re-read anyway
+        return Reply(
+            error_status(error), error_document(method.interface, str(error)), method.mutates
+        )
+    except Exception as error:  # a bug: answer it, never take the daemon down
+        log.exception("%s failed", name)
+        return Reply(500, error_document(method.interface, f"internal error: {error!r}"))
