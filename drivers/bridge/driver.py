@@ -86,7 +86,7 @@ class BridgeDriver:
         """
         options = self.options_of(network)
         gateways: list[IPInterface] = []
-        for pool in network.pools:
+        for pool in network.pools if options.gateway else ():
             if pool.gateway is not None:
                 gateways.append(ip_interface(pool.gateway, pool.subnet.prefixlen))
         with ExitStack() as undo:
@@ -159,6 +159,7 @@ class BridgeDriver:
                 mtu=bridge.mtu,
                 peer_mac=endpoint.mac,
                 isolated=not bridge.icc,
+                hairpin=bridge.hairpin,
                 peer_namespace=where,
             )
 
@@ -177,7 +178,7 @@ class BridgeDriver:
                 raise KernelError(f"no free interface name in sandbox {sandbox.name}; try again")
         if options.routes is None:
             routes = None
-            default_via = [] if network.internal else gateways
+            default_via = gateways if bridge.gateway and not network.internal else []
         else:
             routes = [
                 (r.destination, r.gateway or _gateway_for(r, gateways)) for r in options.routes
@@ -201,6 +202,7 @@ class BridgeDriver:
                 mtu=bridge.mtu,
                 peer_mac=endpoint.mac,
                 isolated=not bridge.icc,
+                hairpin=bridge.hairpin,
             )
 
         try:

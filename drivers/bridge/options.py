@@ -18,7 +18,7 @@ _ALIASES = {
     "com.docker.network.bridge.enable_ip_masquerade": "masquerade",
     "com.docker.network.bridge.enable_icc": "icc",
 }
-_KNOWN = ("bridge.name", "mtu", "masquerade", "icc")
+_KNOWN = ("bridge.name", "mtu", "masquerade", "icc", "gateway", "hairpin")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -40,6 +40,8 @@ class BridgeOptions:
     mtu: int = 1500
     masquerade: bool = True
     icc: bool = True
+    gateway: bool = True  # the bridge holds the gateway addresses (CNI's isGateway)
+    hairpin: bool = True  # bridge ports send frames back where they came (hairpinMode)
 
     @classmethod
     def parse(cls, raw: Mapping[str, str], network_id: str) -> BridgeOptions:
@@ -65,6 +67,8 @@ class BridgeOptions:
             mtu=mtu,
             masquerade=_parse_bool("masquerade", values.get("masquerade", "true")),
             icc=_parse_bool("icc", values.get("icc", "true")),
+            gateway=_parse_bool("gateway", values.get("gateway", "true")),
+            hairpin=_parse_bool("hairpin", values.get("hairpin", "true")),
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -74,4 +78,6 @@ class BridgeOptions:
             "mtu": str(self.mtu),
             "masquerade": str(self.masquerade).lower(),
             "icc": str(self.icc).lower(),
+            "gateway": str(self.gateway).lower(),
+            "hairpin": str(self.hairpin).lower(),
         }

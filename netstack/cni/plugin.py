@@ -222,7 +222,13 @@ def _ensure_network(
         if existing is not None:
             _check_same(existing, config, subnets)
             return existing, False
-        options = {"masquerade": str(config.ip_masq).lower(), "icc": str(config.icc).lower()}
+        options = {
+            "masquerade": str(config.ip_masq).lower(),
+            "icc": str(config.icc).lower(),
+            # as the reference plugin: a default gateway must be the bridge's address
+            "gateway": str(config.is_gateway or config.is_default_gateway).lower(),
+            "hairpin": str(config.hairpin).lower(),
+        }
         if config.bridge:
             options["bridge.name"] = config.bridge
         if config.mtu is not None:

@@ -93,14 +93,16 @@ def create_veth(
     mtu: int,
     peer_mac: str,
     isolated: bool,
+    hairpin: bool = True,
     peer_namespace: str | None = None,
 ) -> None:
     """A veth pair whose host end is a port of `master` (up); the peer is created in
     `peer_namespace` (a name or path; default: this namespace), down and unaddressed.
 
     `isolated` sets bridge port isolation: isolated ports reach the bridge (the gateway) but
-    not each other. Raises Conflict when `peer_name` is taken there (nothing is created
-    then). Undo with `delete_link(host_name)`.
+    not each other; `hairpin` lets a frame leave by the port it came in (a sandbox reaching
+    its own published port through the host). Raises Conflict when `peer_name` is taken
+    there (nothing is created then). Undo with `delete_link(host_name)`.
     """
     with _ipr() as ipr:
         master_index = _index(ipr, master)
@@ -128,8 +130,7 @@ def create_veth(
                 )
         with netlink_errors(f"configuring veth {host_name}"):
             index = _index(ipr, host_name)
-            # hairpin: a sandbox reaching its own published port through the host
-            ipr.brport("set", index=index, mode=1, isolated=int(isolated))
+            ipr.brport("set", index=index, mode=int(hairpin), isolated=int(isolated))
             ipr.link("set", index=index, state="up")
 
 

@@ -943,7 +943,6 @@ def test_mtu_bridge_name_and_ipam_routes(host: Host, runtime: Runtime) -> None:
     assert_unchanged(before, state(host, runtime))
 
 
-@pytest.mark.xfail(strict=True, reason="isGateway and hairpinMode are accepted but ignored")
 def test_is_gateway_false_and_hairpin_off(host: Host, runtime: Runtime) -> None:
     """isGateway false: the bridge carries no gateway address (reference bridge plugin);
     hairpinMode false: the veth's bridge port has hairpin off."""

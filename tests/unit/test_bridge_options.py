@@ -77,7 +77,7 @@ def test_unknown_option_lists_known_options(key: str) -> None:
         parse({key: "x"})
     message = str(caught.value)
     assert f"unknown bridge option {key!r}" in message
-    assert "known options: bridge.name, mtu, masquerade, icc" in message
+    assert "known options: bridge.name, mtu, masquerade, icc, gateway, hairpin" in message
 
 
 # mtu --------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_validate_ifname_names_what() -> None:
 def test_to_dict_round_trip(raw: dict[str, str]) -> None:
     options = parse(raw)
     stored = options.to_dict()
-    assert set(stored) == {"bridge.name", "mtu", "masquerade", "icc"}
+    assert set(stored) == {"bridge.name", "mtu", "masquerade", "icc", "gateway", "hairpin"}
     assert all(isinstance(v, str) for v in stored.values())
     assert parse(stored) == options
     assert parse(stored).to_dict() == stored
@@ -192,7 +192,17 @@ def test_to_dict_normalises() -> None:
         "mtu": "1400",
         "masquerade": "false",
         "icc": "true",
+        "gateway": "true",
+        "hairpin": "true",
     }
+
+
+def test_gateway_and_hairpin_default_on_and_can_be_turned_off() -> None:
+    assert parse({}).gateway and parse({}).hairpin
+    options = parse({"gateway": "false", "hairpin": "off"})
+    assert (options.gateway, options.hairpin) == (False, False)
+    with pytest.raises(InvalidArgument, match="option hairpin='sometimes' must be true or false"):
+        parse({"hairpin": "sometimes"})
 
 
 # driver helpers ---------------------------------------------------------------------------
