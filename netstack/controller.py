@@ -574,6 +574,12 @@ class Controller:
         endpoint = self.endpoint(endpoint_id)
         network = self.network(endpoint.network_id)
         driver = self.driver(network.driver)
+        other = self.store.find_endpoint(network.id, sandbox_name)
+        if other is not None and other.id != endpoint.id:
+            raise Conflict(
+                f"sandbox {sandbox_name!r} is already connected to network {network.name!r} "
+                f"(endpoint {other.id[:12]})"
+            )
         fresh = self.store.find_sandbox(sandbox_name) is None
         sandbox = self.adopt_sandbox(sandbox_name, sandbox_path)
         with ExitStack() as undo:

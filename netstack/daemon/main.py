@@ -138,12 +138,14 @@ class Daemon:
             networks = self.store.networks()
             endpoints = self.store.endpoints()
         self.generation += 1
-        self.bridges = [
+        bridges = [
             BridgeDriver.options_of(network).bridge_name
             for network in networks
             if network.driver == BridgeDriver.name
         ]
-        self._sync_coexist()
+        if bridges != self.bridges:  # else the periodic sync keeps up (dockerd restarts)
+            self.bridges = bridges
+            self._sync_coexist()
         await self.dns.update(*dns_config(networks, endpoints, self.generation))
         await self.relay.sync(relay_targets(endpoints))
         log.debug(

@@ -392,3 +392,19 @@ def test_allocator_claim_rules(tmp_path: Path) -> None:
         assert allocator.owner_of(pool.id, ip_address("10.3.0.9")) == "ep3"
         assert allocator.claim_pool(ip_network("10.3.0.0/24"), NID) is not None
         assert allocator.claim_pool(ip_network("10.3.0.0/24"), NID2) is None
+
+
+def test_one_sandbox_joins_a_network_once(plugin: Plugin) -> None:
+    plugin.call(
+        "NetworkDriver.CreateNetwork", {"NetworkID": NID, "IPv4Data": [{"Pool": "10.7.0.0/24"}]}
+    )
+    for endpoint_id in (EID, EID2):
+        plugin.call("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": endpoint_id})
+    plugin.call("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": KEY})
+    reply = plugin.raw(
+        "NetworkDriver.Join",
+        json.dumps({"NetworkID": NID, "EndpointID": EID2, "SandboxKey": KEY}).encode(),
+    )
+    assert reply.status == 409
+    assert "is already connected to network" in reply.document["Err"]
+    assert plugin.controller.endpoint(EID2).sandbox == f"docker/endpoint-{EID2[:12]}"
