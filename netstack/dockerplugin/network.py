@@ -74,8 +74,11 @@ def create_network(controller: Controller, request: wire.CreateNetwork) -> wire.
 
 
 def delete_network(controller: Controller, request: wire.NetworkRef) -> wire.Document:
-    """Idempotent; endpoints Docker forgot to delete go with the network."""
+    """Idempotent; endpoints Docker did not delete go with the network (and their adopted
+    sandboxes, when it was their last endpoint)."""
     if controller.store.find_network(request.network_id) is not None:
+        for endpoint in controller.store.endpoints(network_id=request.network_id):
+            controller.delete_endpoint(endpoint.id)
         controller.remove_network(request.network_id, force=True)
     return {}
 

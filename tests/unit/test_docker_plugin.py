@@ -408,3 +408,13 @@ def test_one_sandbox_joins_a_network_once(plugin: Plugin) -> None:
     assert reply.status == 409
     assert "is already connected to network" in reply.document["Err"]
     assert plugin.controller.endpoint(EID2).sandbox == f"docker/endpoint-{EID2[:12]}"
+
+
+def test_delete_network_takes_leftover_endpoints_and_their_sandboxes(plugin: Plugin) -> None:
+    create_network(plugin)
+    plugin.call("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID})
+    plugin.call("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": KEY})
+    plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": NID})
+    assert plugin.controller.store.endpoints() == []
+    assert plugin.controller.store.sandboxes() == []
+    assert plugin.pools() == {} and plugin.addresses() == {}

@@ -1,0 +1,117 @@
+"""The plugin's HTTP server on a unix socket in a temp dir (no root): keep-alive, framing
+errors, the body limit, change notifications and the socket takeover rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from netstack.drivers.bridge import BridgeDriver
+
+from netstack.controller import Controller
+from netstack.dockerplugin import wire
+from netstack.dockerplugin.server import PluginServer, plugin_socket
+from netstack.errors import Conflict
+from netstack.store import Store
+
+
+def request(path: str, body: bytes, extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: plugin\r\nContent-Type: {wire.CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, headers, body
+
+
+def serve(tmp_path: Path, scenario: object) -> list[str]:
+    """Run `scenario(path)` against a server; the list of change notifications."""
+    changes: list[str] = []
+    store_dir = tmp_path / "state"
+    controllers: list[Controller] = []
+
+    def make() -> Controller:
+        if not controllers:
+            controllers.append(
+                Controller(Store(store_dir), {"bridge": BridgeDriver()}, host_routes=lambda: [])
+            )
+        return controllers[0]
+
+    async def main() -> None:
+        server = PluginServer(make, lambda: changes.append("changed"))
+        path = plugin_socket(tmp_path / "plugins", "unit")
+        await server.start(path)
+        try:
+            await scenario(path)  # type: ignore[operator]
+        finally:
+            await server.close()
+        assert not path.exists()
+
+    asyncio.run(main())
+    return changes
+
+
+def test_keep_alive_calls_and_change_notifications(tmp_path: Path) -> None:
+    async def scenario(path: Path) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(request("/Plugin.Activate", b""))
+        status, headers, body = await read_response(reader)
+        assert (status, headers["content-type"]) == (200, wire.CONTENT_TYPE)
+        assert json.loads(body) == {"Implements": ["NetworkDriver", "IpamDriver"]}
+        writer.write(request("/IpamDriver.RequestPool", b'{"Pool": "10.4.0.0/24"}'))
+        status, _, body = await read_response(reader)
+        assert status == 200 and json.loads(body)["PoolID"] == "netstack/10.4.0.0/24"
+        writer.write(request("/IpamDriver.RequestPool", b'{"Pool": "10.4.0.0/25"}'))
+        status, _, body = await read_response(reader)
+        assert status == 409 and "overlaps" in json.loads(body)["Error"]
+        writer.close()
+
+    assert serve(tmp_path, scenario) == ["changed", "changed"]  # the failed one re-reads too
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (request("/Plugin.Activate", b"x" * (wire.MAX_BODY + 1)), 413),
+        (b"GET /Plugin.Activate HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (request("/Nope.Method", b"{}"), 404),
+    ],
+)
+def test_bad_requests_are_answered(tmp_path: Path, raw: bytes, status: int) -> None:
+    async def scenario(path: Path) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(raw)
+        got, _, body = await read_response(reader)
+        assert got == status and json.loads(body)["Err"]
+        writer.close()
+        # the server still serves new connections
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(request("/NetworkDriver.GetCapabilities", b"null"))
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+
+    serve(tmp_path, scenario)
+
+
+def test_stale_socket_is_replaced_live_one_is_not(tmp_path: Path) -> None:
+    path = plugin_socket(tmp_path / "plugins", "unit")
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # left by a killed daemon: nobody answers there
+
+    async def scenario(live: Path) -> None:
+        assert live == path
+        with pytest.raises(Conflict, match="served by another process"):
+            await PluginServer(lambda: None).start(path)  # type: ignore[arg-type,return-value]
+        assert path.exists()
+
+    serve(tmp_path, scenario)
