@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ def docker_user_rules(host: Host) -> list[str]:
 
 
 def assert_nothing_left(engine: Engine) -> None:
+    # a veth may be deleted just after the reply (netstackd reaps them in the background)
+    deadline = time.monotonic() + 10
+    while netstack_links(engine.host) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert netstack_links(engine.host) == []
     assert netstack_elements(engine.host) == {}
     assert not [rule for rule in docker_user_rules(engine.host) if "netstack" in rule]
