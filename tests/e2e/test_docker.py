@@ -226,6 +226,35 @@ def test_overlap_and_default_pools(engine: Engine) -> None:
     assert_nothing_left(engine)
 
 
+def test_netstack_ipam_honours_subnet_gateway_range_aux_and_static_ips(engine: Engine) -> None:
+    docker, host = engine.docker, engine.host
+    with made(engine, ["s1", "s2"], ["e2e-ipam"]):
+        engine.network(
+            "e2e-ipam", "--subnet", "10.77.0.0/24", "--gateway", "10.77.0.254",
+            "--ip-range", "10.77.0.128/25", "--aux-address", "router=10.77.0.5",
+        )  # fmt: skip
+        engine.run("s1", "e2e-ipam", "--ip", "10.77.0.50")
+        engine.run("s2", "e2e-ipam")
+        assert docker.container_ip("s1", "e2e-ipam") == "10.77.0.50"
+        dynamic = ipaddress.ip_address(docker.container_ip("s2", "e2e-ipam"))
+        assert dynamic in ipaddress.ip_network("10.77.0.128/25")
+        assert "default via 10.77.0.254" in docker.exec("s2", "ip", "route").stdout
+        assert engine.ping("s2", "10.77.0.50")
+        network_id = docker.inspect("network", "e2e-ipam")["Id"]
+        (inspected,) = host.netctl_json("network", "inspect", network_id)
+        (pool,) = inspected["IPAM"]["Config"]
+        assert (pool["Subnet"], pool["Gateway"]) == ("10.77.0.0/24", "10.77.0.254")
+        # the aux address is held: netctl cannot take it on this network
+        host.netctl("sandbox", "create", f"{host.name}-aux")
+        taken = host.netctl(
+            "network", "connect", network_id, f"{host.name}-aux", "--ip", "10.77.0.5",
+            check=False,
+        )  # fmt: skip
+        assert taken.returncode != 0 and "already in use" in taken.stderr
+        host.netctl("sandbox", "rm", f"{host.name}-aux")
+    assert_nothing_left(engine)
+
+
 def test_ipv6_and_internal_networks(engine: Engine) -> None:
     docker, host = engine.docker, engine.host
     with made(engine, ["v1", "v2", "i1"], ["e2e-v6", "e2e-internal"]):
