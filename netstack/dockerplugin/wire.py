@@ -25,7 +25,6 @@ GENERIC = "com.docker.network.generic"
 ENABLE_IPV6 = "com.docker.network.enable_ipv6"
 INTERNAL = "com.docker.network.internal"
 PORT_MAP = "com.docker.network.portmap"
-EXPOSED_PORTS = "com.docker.network.endpoint.exposedports"
 MAC_ADDRESS = "com.docker.network.endpoint.macaddress"
 GATEWAY_REQUEST = "com.docker.network.gateway"  # RequestAddress Options RequestAddressType
 REQUEST_ADDRESS_TYPE = "RequestAddressType"

@@ -281,6 +281,27 @@ def test_ipv6_and_internal_networks(engine: Engine) -> None:
     assert_nothing_left(engine)
 
 
+def test_netctl_networks_flow_while_dockerd_drops_forwarding(engine: Engine) -> None:
+    host = engine.host
+    assert "-P FORWARD DROP" in host.run("iptables", "-w", "-S", "FORWARD").stdout
+    host.netctl("network", "create", "--subnet", "10.78.0.0/24", "e2e-plain")
+    try:
+        first, second = host.sandbox("p1"), host.sandbox("p2")
+        host.netctl("network", "connect", "e2e-plain", first)
+        host.netctl("network", "connect", "e2e-plain", second, "--ip", "10.78.0.20")
+        assert host.in_sandbox(first, "ping", "-c1", "-W2", "10.78.0.20").returncode == 0
+        (network,) = host.netctl_json("network", "inspect", "e2e-plain")
+        bridge = network["Options"]["bridge.name"]
+        assert f"-A DOCKER-USER -i {bridge} -m comment --comment netstack -j ACCEPT" in (
+            docker_user_rules(host)
+        )
+        for sandbox in (first, second):
+            host.netctl("sandbox", "rm", sandbox)
+    finally:
+        host.netctl("network", "rm", "--force", "e2e-plain")
+    assert_nothing_left(engine)
+
+
 def test_netstackd_restart_keeps_containers_and_later_calls_work(engine: Engine) -> None:
     docker, host = engine.docker, engine.host
     with made(engine, ["r1", "r2"], ["e2e-restart"]):
