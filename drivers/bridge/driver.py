@@ -15,6 +15,7 @@ from netstack import faults
 from netstack.errors import Conflict, KernelError
 from netstack.kernel import coexist, conntrack, links, sysctl
 from netstack.kernel.nftables import Nftables
+from netstack.kernel.reaper import ImmediateReaper, Reaper
 from netstack.model import (
     Endpoint,
     IPAddress,
@@ -62,8 +63,10 @@ class BridgeDriver:
 
     name = "bridge"
 
-    def __init__(self) -> None:
+    def __init__(self, reaper: Reaper | None = None) -> None:
         self._nft: Nftables | None = None
+        # how veths are deleted: at once, or (netstackd) by a background thread
+        self._reaper: Reaper = reaper or ImmediateReaper()
 
     @property
     def nft(self) -> Nftables:
@@ -146,6 +149,9 @@ class BridgeDriver:
         and the peer, unconfigured, is the caller's to move. Undo: delete_endpoint."""
         options = options or JoinOptions()
         bridge = self.options_of(network)
+        # the sandbox's previous interface (a retried ADD) must be gone before its name is
+        # taken again
+        self._reaper.flush(endpoint.sandbox)
         gateways = [p.gateway for p in network.pools if p.gateway]
         where = sandbox.path
         if options.peer_in_host:
@@ -214,7 +220,8 @@ class BridgeDriver:
         return peer
 
     def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
-        links.delete_link(host_veth_name(endpoint.id))
+        """Delete the veth pair (now, or soon with a background reaper). Idempotent."""
+        self._reaper.delete(host_veth_name(endpoint.id), endpoint.sandbox)
 
     def program_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
         """Publish the endpoint's ports: DNAT map elements, in one nft transaction.

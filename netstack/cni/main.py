@@ -80,7 +80,7 @@ def _via_daemon(env: dict[str, str], stdin: bytes) -> tuple[int, str] | None:
 def _version(stdin: bytes) -> tuple[int, str]:
     import json
 
-    from netstack.cni.spec import LATEST, SUPPORTED_VERSIONS, version_document
+    from netstack.cni.versions import LATEST, SUPPORTED_VERSIONS, version_document
 
     try:
         requested = json.loads(stdin).get("cniVersion")

@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-LATEST = "1.1.0"
+from netstack.cni.versions import LATEST as LATEST
+from netstack.cni.versions import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
+from netstack.cni.versions import version_document as version_document
+
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 
 # Well-known error codes (SPEC.md, "Error codes").
@@ -517,7 +519,3 @@ class Result:
             doc["routes"] = [r.document() for r in self.routes]
         doc["dns"] = dict(self.dns)
         return doc
-
-
-def version_document(version: str) -> dict[str, Any]:
-    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}

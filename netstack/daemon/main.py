@@ -31,6 +31,7 @@ from netstack.drivers.bridge import BridgeDriver
 from netstack.errors import Conflict, InvalidArgument, NetstackError
 from netstack.kernel import coexist
 from netstack.kernel.nftables import Nftables
+from netstack.kernel.reaper import LinkReaper
 from netstack.resolvconf import host_resolv_conf
 from netstack.store import Store, state_dir
 
@@ -82,6 +83,7 @@ class Daemon:
         self.api.register("reload", self.reload_op)
         self.api.register("cni", self.cni_op)
         self._workers = threading.local()
+        self.reaper = LinkReaper()  # veths are deleted after the reply, not before
         self.plugin = PluginServer(self._controller, self.reload_soon)
         self._reload_wanted = False
         self._reloader: asyncio.Task[None] | None = None
@@ -121,13 +123,13 @@ class Daemon:
             None, cni_run, variables, stdin.encode("utf-8", "surrogateescape"), self._controller
         )
         if code == 0:
-            await self.reload()  # records and relay follow at once, not 20 ms later
+            self.reload_soon()  # records and relay follow right after the reply
         return {"code": code, "stdout": stdout}
 
     def _controller(self) -> Controller:
         controller: Controller | None = getattr(self._workers, "controller", None)
         if controller is None:
-            controller = Controller(Store(self.state), {"bridge": BridgeDriver()})
+            controller = Controller(Store(self.state), {"bridge": BridgeDriver(self.reaper)})
             self._workers.controller = controller
         return controller
 
@@ -225,6 +227,7 @@ class Daemon:
             await self.plugin.close()
             await self.dns.close()
             await self.relay.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.reaper.close)
             self.store.close()
             server.close()
             await server.wait_closed()
