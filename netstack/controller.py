@@ -602,6 +602,19 @@ class Controller:
         )
         return endpoint
 
+    def prepare_join(self, endpoint_id: str, options: JoinOptions) -> bool:
+        """Make the endpoint's interface ahead of join_endpoint when both of its ends stay
+        in the host namespace (`options.peer_in_host`: no sandbox is involved yet); a later
+        join with `prepared` then only names it. True when made; an endpoint deleted
+        meanwhile (or another mode) is nothing to do. Undo: delete_endpoint."""
+        endpoint = self.store.endpoint_by_id(endpoint_id)
+        if endpoint is None or not options.peer_in_host:
+            return False
+        network = self.network(endpoint.network_id)
+        unjoined = Sandbox(name=endpoint.sandbox, path="")  # not touched in this mode
+        self.driver(network.driver).join(network, endpoint, unjoined, options)
+        return True
+
     def leave_endpoint(self, endpoint_id: str, placeholder: str) -> None:
         """Record the endpoint as no longer in its sandbox (named `placeholder` again); forget
         the sandbox when it has no endpoint left. The kernel is left to delete_endpoint."""

@@ -155,6 +155,8 @@ class BridgeDriver:
         gateways = [p.gateway for p in network.pools if p.gateway]
         where = sandbox.path
         if options.peer_in_host:
+            if options.prepared:
+                return peer_veth_name(endpoint.id)
             return self._join_peer_in_host(endpoint, bridge)
 
         def create(ifname: str) -> None:
@@ -213,8 +215,10 @@ class BridgeDriver:
 
         try:
             create()
-        except Conflict:  # a retried join: start afresh
-            links.delete_link(host)
+        except Conflict:
+            if links.veth_on_bridge(host, peer, bridge.bridge_name):
+                return peer  # made ahead (Controller.prepare_join): nothing more to do
+            links.delete_link(host)  # a half-made pair: start afresh
             links.delete_link(peer)
             create()
         return peer

@@ -24,7 +24,7 @@ from netstack.errors import NetstackError
 log = logging.getLogger(__name__)
 
 ControllerFactory = Callable[[], Controller]
-Handler = Callable[[Controller, Any], wire.Document]
+Handler = Callable[[Controller, Any], "wire.Document | network.Answer"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Reply:
     status: int
     document: wire.Document
     changed: bool = False  # the store changed: netstackd's DNS and relay should follow
+    after: network.Later | None = None  # work to run after the reply is sent (`run_after`)
 
     @property
     def body(self) -> bytes:
@@ -126,6 +127,15 @@ def method_of(path: str) -> str:
     return path.split("?", 1)[0].lstrip("/")
 
 
+def run_after(work: network.Later, make_controller: ControllerFactory) -> None:
+    """Run a reply's follow-up work (in a worker thread); failures are logged, never raised:
+    the call it follows has succeeded, and the next call redoes what is missing."""
+    try:
+        work(make_controller())
+    except Exception:
+        log.exception("work after a plugin call failed; the next call will redo it")
+
+
 def handle(path: str, body: bytes, make_controller: ControllerFactory) -> Reply:
     """One call: (path, body) -> reply. Never raises."""
     name = method_of(path)
@@ -143,9 +153,11 @@ def handle(path: str, body: bytes, make_controller: ControllerFactory) -> Reply:
         if method.handler is None:
             return Reply(200, ACTIVATE)
         started = time.perf_counter()
-        document = method.handler(make_controller(), request)
+        result = method.handler(make_controller(), request)
         log.debug("%s ok in %.1f ms", name, (time.perf_counter() - started) * 1000)
-        return Reply(200, document, changed=method.mutates)
+        if isinstance(result, network.Answer):
+            return Reply(200, result.document, method.mutates, result.after)
+        return Reply(200, result, changed=method.mutates)
     except NetstackError as error:
         log.info("%s failed: %s", name, error)
         # a failed call may have changed the store half-way and undone it: re-read anyway

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from netstack.controller import ConnectRequest, Controller, NetworkRequest
 from netstack.dockerplugin import wire
@@ -28,6 +32,45 @@ SANDBOX_PREFIX = "docker/"
 NAME_OPTION = "netstack.name"
 ORIGIN_LABEL = "netstack.origin"
 DRIVER = "bridge"
+
+
+Later = Callable[[Controller], None]
+HOST_PEER = JoinOptions(peer_in_host=True)
+PREPARED = JoinOptions(peer_in_host=True, prepared=True)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reply document and work to run after it is sent."""
+
+    document: wire.Document
+    after: Later | None = None
+
+
+class _EndpointLocks:
+    """One lock per endpoint id, process-wide: work ahead of a Join (after CreateEndpoint),
+    the Join itself and DeleteEndpoint never run at once on one endpoint's interface.
+    `prepared` holds the endpoints whose veth pair this process made ahead of their Join."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self.prepared: set[str] = set()
+
+    @contextmanager
+    def hold(self, endpoint_id: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(endpoint_id, threading.Lock())
+        with lock:
+            yield
+
+    def forget(self, endpoint_id: str) -> None:
+        with self._guard:
+            self._locks.pop(endpoint_id, None)
+            self.prepared.discard(endpoint_id)
+
+
+ENDPOINT_LOCKS = _EndpointLocks()
 
 
 def network_name(network_id: str) -> str:
@@ -92,9 +135,10 @@ def nothing(controller: Controller, request: wire.Document) -> wire.Document:
     return {}
 
 
-def create_endpoint(controller: Controller, request: wire.CreateEndpoint) -> wire.Document:
+def create_endpoint(controller: Controller, request: wire.CreateEndpoint) -> Answer:
     """Record the endpoint with Docker's addresses; answer the MAC (and addresses) netstack
-    chose where Docker sent none (Docker refuses changes to what it sent)."""
+    chose where Docker sent none (Docker refuses changes to what it sent). After the reply,
+    the veth pair is made while Docker gets the container's sandbox ready for the Join."""
     endpoint = controller.store.endpoint_by_id(request.endpoint_id)
     if endpoint is None:
         endpoint = controller.create_endpoint(
@@ -115,11 +159,22 @@ def create_endpoint(controller: Controller, request: wire.CreateEndpoint) -> wir
         interface["Address"] = str(endpoint.ipv4)
     if request.address_ipv6 is None and endpoint.ipv6 is not None:
         interface["AddressIPv6"] = str(endpoint.ipv6)
-    return {"Interface": interface}
+    return Answer({"Interface": interface}, after=_preparer(request.endpoint_id))
+
+
+def _preparer(endpoint_id: str) -> Later:
+    def prepare(controller: Controller) -> None:
+        with ENDPOINT_LOCKS.hold(endpoint_id):
+            if controller.prepare_join(endpoint_id, HOST_PEER):
+                ENDPOINT_LOCKS.prepared.add(endpoint_id)
+
+    return prepare
 
 
 def delete_endpoint(controller: Controller, request: wire.EndpointRef) -> wire.Document:
-    controller.delete_endpoint(request.endpoint_id)
+    with ENDPOINT_LOCKS.hold(request.endpoint_id):
+        controller.delete_endpoint(request.endpoint_id)
+    ENDPOINT_LOCKS.forget(request.endpoint_id)
     return {}
 
 
@@ -137,12 +192,15 @@ def endpoint_oper_info(controller: Controller, request: wire.EndpointRef) -> wir
 
 
 def join(controller: Controller, request: wire.Join) -> wire.Document:
-    endpoint = controller.join_endpoint(
-        request.endpoint_id,
-        sandbox_name(request.sandbox_key),
-        request.sandbox_key,
-        JoinOptions(peer_in_host=True),
-    )
+    with ENDPOINT_LOCKS.hold(request.endpoint_id):  # waits for a veth being made ahead
+        prepared = request.endpoint_id in ENDPOINT_LOCKS.prepared
+        ENDPOINT_LOCKS.prepared.discard(request.endpoint_id)  # a retried Join checks again
+        endpoint = controller.join_endpoint(
+            request.endpoint_id,
+            sandbox_name(request.sandbox_key),
+            request.sandbox_key,
+            PREPARED if prepared else HOST_PEER,
+        )
     network = controller.network(endpoint.network_id)
     reply: wire.Document = {
         "InterfaceName": {"SrcName": endpoint.interface, "DstPrefix": "eth"},

@@ -112,6 +112,10 @@ class PluginServer:
                 request, body = received
                 reply = await self._call(request, body)
                 await self._send(conn, writer, reply.status, reply.document)
+                if reply.after is not None:  # e.g. make a veth while Docker prepares the Join
+                    asyncio.get_running_loop().run_in_executor(
+                        None, app.run_after, reply.after, self.make_controller
+                    )
                 if reply.changed and self.on_change is not None:
                     self.on_change()  # must not delay the next call on this connection
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

@@ -263,6 +263,17 @@ def interface_report(namespace: str, ifname: str) -> InterfaceReport:
         )
 
 
+def veth_on_bridge(host_name: str, peer_name: str, master: str) -> bool:
+    """Whether the veth `host_name` is a port of `master` and its peer `peer_name` is in this
+    namespace (a pair made earlier, e.g. ahead of a join)."""
+    with _ipr() as ipr, netlink_errors(f"inspecting veth {host_name}"):
+        master_index, host_index = _index(ipr, master), _index(ipr, host_name)
+        if master_index is None or host_index is None or _index(ipr, peer_name) is None:
+            return False
+        (link,) = ipr.get_links(host_index)
+        return bool(link.get("IFLA_MASTER") == master_index)
+
+
 def bridge_ports(bridge: str) -> list[str]:
     """Names of the links enslaved to `bridge` in this namespace (empty if it is gone)."""
     with _ipr() as ipr, netlink_errors(f"listing ports of {bridge}"):

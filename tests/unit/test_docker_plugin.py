@@ -32,6 +32,7 @@ class FakeBridge(BridgeDriver):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, str]] = []
+        self.prepared: list[bool] = []
 
     def create_network(self, network: Network) -> None:
         self.calls.append(("create_network", network.id))
@@ -48,6 +49,7 @@ class FakeBridge(BridgeDriver):
     ) -> str:
         assert options is not None and options.peer_in_host
         self.calls.append(("join", endpoint.id))
+        self.prepared.append(options.prepared)
         return peer_veth_name(endpoint.id)
 
     def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
@@ -418,3 +420,53 @@ def test_delete_network_takes_leftover_endpoints_and_their_sandboxes(plugin: Plu
     assert plugin.controller.store.endpoints() == []
     assert plugin.controller.store.sandboxes() == []
     assert plugin.pools() == {} and plugin.addresses() == {}
+
+
+def test_create_endpoint_makes_the_interface_after_replying(plugin: Plugin) -> None:
+    create_network(plugin)
+    reply = plugin.raw(
+        "NetworkDriver.CreateEndpoint",
+        json.dumps({"NetworkID": NID, "EndpointID": EID}).encode(),
+    )
+    assert reply.status == 200 and reply.after is not None
+    assert ("join", EID) not in plugin.driver.calls  # not before the reply
+    app.run_after(reply.after, lambda: plugin.controller)
+    assert ("join", EID) in plugin.driver.calls
+    plugin.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": EID})
+    calls = len(plugin.driver.calls)
+    app.run_after(reply.after, lambda: plugin.controller)  # late: the endpoint is gone
+    assert len(plugin.driver.calls) == calls
+
+    def broken() -> Controller:
+        raise RuntimeError("boom")
+
+    app.run_after(reply.after, broken)  # logged, not raised
+
+
+def test_join_after_the_interface_was_made_ahead_only_names_it(plugin: Plugin) -> None:
+    create_network(plugin)
+    for endpoint_id in (EID, EID2):
+        reply = plugin.raw(
+            "NetworkDriver.CreateEndpoint",
+            json.dumps({"NetworkID": NID, "EndpointID": endpoint_id}).encode(),
+        )
+        if endpoint_id == EID:  # EID2's work after the reply never ran (a restart, say)
+            assert reply.after is not None
+            app.run_after(reply.after, lambda: plugin.controller)
+    for number, endpoint_id in enumerate((EID, EID2)):
+        joined = plugin.call(
+            "NetworkDriver.Join",
+            {"NetworkID": NID, "EndpointID": endpoint_id, "SandboxKey": f"{KEY}{number}"},
+        )
+        assert joined["InterfaceName"]["SrcName"] == f"nsp{endpoint_id[:12]}"
+    # made ahead (not prepared), joined (prepared), joined without preparation
+    assert plugin.driver.prepared == [False, True, False]
+
+
+def test_bridge_driver_names_a_prepared_pair_without_the_kernel() -> None:
+    network = Network(id=NID, name="n", driver="bridge", pools=[])
+    endpoint = Endpoint(id=EID, network_id=NID, sandbox="docker/x", mac="02:00:00:00:00:01")
+    name = BridgeDriver().join(
+        network, endpoint, Sandbox("docker/x", ""), JoinOptions(peer_in_host=True, prepared=True)
+    )
+    assert name == f"nsp{EID[:12]}"
