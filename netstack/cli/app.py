@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     cinstall.add_argument(
         "--network", action="append", default=[], metavar="NAME", help="a conflist for NAME"
     )
+    cinstall.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="write the Python plugin even when a C compiler could build the fast one",
+    )
 
     sandbox = top.add_parser("sandbox", help="manage sandboxes (network namespaces)")
     sverbs = sandbox.add_subparsers(dest="verb", required=True, parser_class=_Parser)

@@ -178,7 +178,9 @@ def cni_install(args: argparse.Namespace) -> int:
     from netstack.cni.install import install
 
     conf_dir = Path(args.conf_dir) if args.conf_dir else None
-    for path in install(Path(args.bin_dir), conf_dir, list(args.network)):
+    for path in install(
+        Path(args.bin_dir), conf_dir, list(args.network), compile=not args.no_compile
+    ):
         print(path)
     return 0
 

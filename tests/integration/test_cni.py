@@ -205,21 +205,34 @@ def _text(config: dict[str, Any] | str) -> str:
     return config if isinstance(config, str) else json.dumps(config)
 
 
-def install_plugin(host: Host, bin_dir: Path) -> Path:
-    """`netctl cni install --bin-dir` with the host's environment; the executable."""
-    proc = host.netctl("cni", "install", "--bin-dir", str(bin_dir))
+def install_plugin(host: Host, bin_dir: Path, compiled: bool = True) -> Path:
+    """`netctl cni install --bin-dir` with the host's environment; the executable: the
+    compiled front (CI has a C compiler), or with `compiled` False the Python script."""
+    extra = () if compiled else ("--no-compile",)
+    proc = host.netctl("cni", "install", "--bin-dir", str(bin_dir), *extra)
     binary = bin_dir / "netstack"
     assert proc.stdout.split() == [str(binary)]
     assert os.access(binary, os.X_OK)
-    text = binary.read_text()
-    assert f"'NETSTACK_STATE_DIR', '{host.state_dir}'" in text, text
-    assert f"'NETSTACK_RUN_DIR', '{host.run_dir}'" in text, text
+    data = binary.read_bytes()
+    assert data.startswith(b"\x7fELF") == compiled, data[:200]
+    if compiled:  # the defaults are string literals of the binary
+        assert str(host.state_dir).encode() in data
+        assert str(host.run_dir).encode() in data
+    else:
+        text = data.decode()
+        assert f"'NETSTACK_STATE_DIR', '{host.state_dir}'" in text, text
+        assert f"'NETSTACK_RUN_DIR', '{host.run_dir}'" in text, text
     return binary
 
 
 @pytest.fixture
-def runtime(host: Host, tmp_path: Path) -> Runtime:
-    return Runtime(host, tmp_path, install_plugin(host, tmp_path / "bin"))
+def runtime(host: Host, tmp_path: Path, request: pytest.FixtureRequest) -> Runtime:
+    """The installed plugin; `compiled` (default) or `script` by indirect parametrisation."""
+    kind = getattr(request, "param", "compiled")
+    return Runtime(host, tmp_path, install_plugin(host, tmp_path / "bin", kind == "compiled"))
+
+
+BOTH_PLUGINS = pytest.mark.parametrize("runtime", ["compiled", "script"], indirect=True)
 
 
 # --------------------------------------------------------------------------- observations
@@ -1288,6 +1301,7 @@ def normalised(result: dict[str, Any], container: str) -> dict[str, Any]:
     return dict(doc)
 
 
+@BOTH_PLUGINS
 def test_fast_path_gives_the_in_process_results(host: Host, runtime: Runtime) -> None:
     """The same calls with and without netstackd: identical results (modulo generated
     names, MACs, addresses), identical errors, identical kernel state. With netstackd
@@ -1416,6 +1430,7 @@ def fake_daemon(host: Host, reply: bytes | None) -> Iterator[FakeDaemon]:
         path.unlink(missing_ok=True)
 
 
+@BOTH_PLUGINS
 def test_daemon_going_away_is_try_again_later(host: Host, runtime: Runtime) -> None:
     """netstackd took the request and closed without answering: code 11, and the plugin
     does not redo the work in-process. A daemon answering with a JSON error (an old one

@@ -729,7 +729,7 @@ def test_example_conflist_is_a_valid_configuration() -> None:
 
 
 def test_install_writes_the_plugin_and_conflists(tmp_path: Path) -> None:
-    written = install.install(tmp_path / "bin", tmp_path / "net.d", ["one", "two"])
+    written = install.install(tmp_path / "bin", tmp_path / "net.d", ["one", "two"], compile=False)
     assert written == [
         tmp_path / "bin" / "netstack",
         tmp_path / "net.d" / "10-one.conflist",
