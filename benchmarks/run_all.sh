@@ -14,7 +14,7 @@ esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py=${PYTHON:-python3}
 rc=0
-for bench in ipam_fill connect_scaling publish_scaling iperf_dnat dns_qps docker_run; do
+for bench in ipam_fill connect_scaling publish_scaling iperf_dnat dns_qps cni_latency docker_run; do
   echo "=== $bench ${1:-}"
   "$py" "$here/$bench.py" ${1:+"$1"} || { r=$?; echo "=== $bench FAILED (rc=$r)"; [ "$rc" = 0 ] && rc=$r; }
   echo
