@@ -33,8 +33,8 @@ PLUGIN_TIMEOUT = 60.0
 PODMAN_TIMEOUT = 120.0
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 BUSYBOX_APPLETS = (
-    "sh", "cat", "echo", "ip", "ping", "httpd", "sleep", "mkdir", "printf", "chmod",
-    "hostname", "ls", "nc", "sysctl",
+    "sh", "cat", "echo", "ip", "ping", "ping6", "httpd", "sleep", "mkdir", "printf", "chmod",
+    "hostname", "ls", "nc", "sysctl", "nslookup",
 )  # fmt: skip
 IMAGE = "localhost/netstack-e2e-busybox:latest"
 
@@ -368,7 +368,8 @@ def peer_server(netns: str, tag: str, port: int) -> Iterator[subprocess.Popen[st
 
 
 def busybox_tarball(directory: Path) -> Path:
-    """A root filesystem tarball: Debian's static busybox and applet symlinks."""
+    """A root filesystem tarball: Debian's static busybox and applet symlinks, a page and a
+    CGI script for httpd (podman and dockerd import it)."""
     rootfs = directory / "rootfs"
     for sub in ("bin", "etc", "proc", "sys", "dev", "tmp", "www/cgi-bin"):
         (rootfs / sub).mkdir(parents=True, exist_ok=True)
@@ -382,12 +383,21 @@ def busybox_tarball(directory: Path) -> Path:
         'echo "$(hostname) $REMOTE_ADDR"\n'
     )
     peer.chmod(0o755)
+    (rootfs / "www" / "index.html").write_text("served by a netstack container\n")
     (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
     (rootfs / "etc" / "group").write_text("root:x:0:\n")
     tarball = directory / "busybox.tar"
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True, timeout=60)
     shutil.rmtree(rootfs)
     return tarball
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points below `root` (a container engine's storage), as findmnt lists them."""
+    proc = subprocess.run(
+        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False
+    )
+    return [m for m in proc.stdout.splitlines() if m.startswith(str(root) + "/")]
 
 
 class Podman:
@@ -474,10 +484,7 @@ class Podman:
 
     def mounts(self) -> list[str]:
         """Mount points under the podman root (shm of live containers)."""
-        proc = subprocess.run(
-            ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False
-        )
-        return [m for m in proc.stdout.splitlines() if m.startswith(str(self.root) + "/")]
+        return mounts_under(self.root)
 
     def close(self) -> None:
         """Remove every container (their CNI DEL runs), then the storage; best effort."""

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cni_runtime import BUSYBOX, busybox_tarball, mounts_under
+
 if TYPE_CHECKING:
     from conftest import Host
 
-BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
-APPLETS = ("sh", "cat", "echo", "ip", "ping", "ping6", "httpd", "sleep", "nslookup", "hostname")
 IMAGE = "netstack-e2e-busybox:latest"
 PLUGIN_DIR = Path("/run/docker/plugins")
 TIMEOUT = 120.0
@@ -56,22 +56,6 @@ def skip_reason() -> str | None:
 
 def plugin_name(host: Host) -> str:
     return f"netstack-{host.name}"
-
-
-def busybox_tarball(directory: Path) -> Path:
-    """A root filesystem: static busybox, applet links, a page for httpd in /www."""
-    rootfs = directory / "rootfs"
-    for sub in ("bin", "etc", "proc", "sys", "dev", "tmp", "www"):
-        (rootfs / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in APPLETS:
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    (rootfs / "www" / "index.html").write_text("served by a netstack container\n")
-    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
-    tarball = directory / "busybox.tar"
-    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True, timeout=60)
-    shutil.rmtree(rootfs)
-    return tarball
 
 
 class DockerEngine:
@@ -158,10 +142,7 @@ class DockerEngine:
         return IMAGE
 
     def mounts(self) -> list[str]:
-        proc = subprocess.run(
-            ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False
-        )
-        return [m for m in proc.stdout.splitlines() if m.startswith(str(self.root) + "/")]
+        return mounts_under(self.root)
 
     def close(self) -> None:
         """Remove containers and networks, stop dockerd by pid, unmount, delete. Best effort."""
