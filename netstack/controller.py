@@ -369,10 +369,7 @@ class Controller:
         with ExitStack() as undo:
             with self.store.transaction() as conn:
                 self._reserve_endpoint(conn, network, endpoint, ip, ip6)
-                endpoint.ports = ports.assign(
-                    port_requests, self.store.all_ports(), sockets.bound_ports
-                )
-                self.store.insert_ports(conn, endpoint.id, endpoint.ports)
+                self._reserve_ports(conn, endpoint, port_requests)
             undo.callback(self._forget_endpoint, endpoint.id)
             faults.checkpoint("connect:after-address")
             driver.create_endpoint(network, endpoint)
@@ -657,13 +654,19 @@ class Controller:
         driver = self.driver(network.driver)
         with ExitStack() as undo:
             with self.store.transaction() as conn:
-                endpoint.ports = ports.assign(requests, self.store.all_ports(), sockets.bound_ports)
-                self.store.insert_ports(conn, endpoint.id, endpoint.ports)
+                self._reserve_ports(conn, endpoint, requests)
             undo.callback(self._forget_ports, endpoint.id)
             driver.program_external_connectivity(network, endpoint)
             undo.pop_all()
         self._changed()
         return endpoint
+
+    def _reserve_ports(
+        self, conn: sqlite3.Connection, endpoint: Endpoint, requests: list[ports.PortRequest]
+    ) -> None:
+        """Inside one write transaction: choose the host ports and record the bindings."""
+        endpoint.ports = ports.assign(requests, self.store.all_ports(), sockets.bound_ports)
+        self.store.insert_ports(conn, endpoint.id, endpoint.ports)
 
     def unpublish(self, endpoint_id: str) -> None:
         """Remove every published port of the endpoint. Idempotent."""
