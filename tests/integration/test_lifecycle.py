@@ -151,3 +151,29 @@ def test_sandbox_commands(host: Host) -> None:
     assert not [name for name in host.links() if name.startswith("nsv")]
     proc = host.run("ip", "netns", "list")
     assert sandbox not in proc.stdout.split()
+
+
+def test_ipv4_only_interfaces_send_no_ipv6(host: Host) -> None:
+    """On an IPv4-only network neither end of the veth gets an IPv6 link-local address, so
+    no sandbox sends DAD, router solicitations or MLD reports for the bridge to flood to
+    every other sandbox; a dual-stack network's eth0 keeps its link-local address."""
+    host.netctl("network", "create", "--subnet", "10.62.0.0/24", "v4only")
+    host.netctl(
+        "network", "create", "--ipv6", "--subnet", "10.63.0.0/24", "--subnet", "fd00:63::/64",
+        "dual",
+    )  # fmt: skip
+    sandbox = host.sandbox("a")
+    host.netctl("network", "connect", "v4only", sandbox)
+    host.netctl("network", "connect", "dual", sandbox)
+    v4_if = _endpoint(host, "v4only", sandbox)["Interface"]
+    dual_if = _endpoint(host, "dual", sandbox)["Interface"]
+
+    def ipv6_scopes(listing: list[dict[str, Any]]) -> set[str]:
+        return {a["scope"] for link in listing for a in link.get("addr_info", [])}
+
+    assert ipv6_scopes(host.sandbox_ip_json(sandbox, "-6", "addr", "show", "dev", v4_if)) == set()
+    dual = host.sandbox_ip_json(sandbox, "-6", "addr", "show", "dev", dual_if)
+    assert ipv6_scopes(dual) == {"global", "link"}, dual
+    ports = host.ip_json("link", "show", "type", "veth")
+    assert len(ports) == 2, ports
+    assert ipv6_scopes(host.ip_json("-6", "addr", "show", "type", "veth")) == set()
