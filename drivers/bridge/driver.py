@@ -230,8 +230,9 @@ class BridgeDriver:
     def program_external_connectivity(self, network: Network, endpoint: Endpoint) -> None:
         """Publish the endpoint's ports: DNAT map elements, in one nft transaction.
 
-        Flows already tracked towards those host ports are dropped, so the next packet is
-        translated. Undo: revoke_external_connectivity.
+        UDP and SCTP flows already tracked towards those host ports are dropped, so their
+        next packet is translated (conntrack.STALE_PROTOCOLS says why not TCP's). Undo:
+        revoke_external_connectivity.
         """
         if not endpoint.ports:
             return
