@@ -10,6 +10,7 @@ from contextlib import ExitStack, suppress
 
 from netstack.drivers.bridge import firewall
 from netstack.drivers.bridge.options import BridgeOptions
+from netstack.drivers.bridge.spares import SpareShape, VethSpares
 
 from netstack import faults
 from netstack.errors import Conflict, KernelError
@@ -63,10 +64,12 @@ class BridgeDriver:
 
     name = "bridge"
 
-    def __init__(self, reaper: Reaper | None = None) -> None:
+    def __init__(self, reaper: Reaper | None = None, spares: VethSpares | None = None) -> None:
         self._nft: Nftables | None = None
         # how veths are deleted: at once, or (netstackd) by a background thread
         self._reaper: Reaper = reaper or ImmediateReaper()
+        # pairs made ahead for joins with the peer in the host namespace (netstackd)
+        self._spares = spares
 
     @property
     def nft(self) -> Nftables:
@@ -125,6 +128,8 @@ class BridgeDriver:
 
     def delete_network(self, network: Network) -> None:
         options = self.options_of(network)
+        if self._spares is not None:
+            self._spares.drop(options.bridge_name)
         self._delete_elements(facts_of(network, options))
         coexist.revoke(options.bridge_name, self.nft)
         links.delete_link(options.bridge_name)
@@ -157,7 +162,7 @@ class BridgeDriver:
         if options.peer_in_host:
             if options.prepared:
                 return peer_veth_name(endpoint.id)
-            return self._join_peer_in_host(endpoint, bridge)
+            return self._join_peer_in_host(endpoint, bridge, self._spares)
 
         def create(ifname: str) -> None:
             links.create_veth(
@@ -198,9 +203,15 @@ class BridgeDriver:
         return ifname
 
     @staticmethod
-    def _join_peer_in_host(endpoint: Endpoint, bridge: BridgeOptions) -> str:
-        """Both ends in the host namespace (JoinOptions.peer_in_host); the peer's name."""
+    def _join_peer_in_host(
+        endpoint: Endpoint, bridge: BridgeOptions, spares: VethSpares | None
+    ) -> str:
+        """Both ends in the host namespace (JoinOptions.peer_in_host); the peer's name.
+        A spare pair made ahead is used when there is one."""
         host, peer = host_veth_name(endpoint.id), peer_veth_name(endpoint.id)
+        shape = SpareShape(bridge.bridge_name, bridge.mtu, not bridge.icc, bridge.hairpin)
+        if spares is not None and spares.claim(shape, host, peer, endpoint.mac):
+            return peer
 
         def create() -> None:
             links.create_veth(

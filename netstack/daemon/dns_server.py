@@ -136,8 +136,8 @@ class UdpThread(threading.Thread):
                     if result is None:
                         continue
                     if result.__class__ is bytes:
-                        if not batch.reply(i, result):  # type: ignore[arg-type]
-                            sock.sendto(result, client)  # type: ignore[arg-type]
+                        if not batch.reply(i, result):
+                            sock.sendto(result, client)
                     else:
                         forward(sock, client, result)  # type: ignore[arg-type]
                 except OSError as exc:

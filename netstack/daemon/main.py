@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -28,6 +29,7 @@ from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, relay_targets
 from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
 from netstack.drivers.bridge import BridgeDriver
+from netstack.drivers.bridge.spares import VethSpares
 from netstack.errors import Conflict, InvalidArgument, NetstackError
 from netstack.kernel import coexist
 from netstack.kernel.nftables import Nftables
@@ -38,6 +40,11 @@ from netstack.store import Store, state_dir
 log = logging.getLogger("netstackd")
 
 WATCH_INTERVAL = 0.02
+PLUGIN_RELOAD_DELAY = 0.03
+"""Docker's calls come in bursts (RequestAddress, CreateEndpoint, Join a few ms apart) with
+dockerd waiting on each: one reload after the burst, rather than one per call competing for
+the CPU (and the GIL) with the burst's own work, e.g. the veth a worker thread is making for
+the Join. Well within the 100 ms in which records follow a change."""
 COEXIST_INTERVAL = 1.0  # how soon a dockerd started later stops dropping netstack traffic
 
 
@@ -84,7 +91,8 @@ class Daemon:
         self.api.register("cni", self.cni_op)
         self._workers = threading.local()
         self.reaper = LinkReaper()  # veths are deleted after the reply, not before
-        self.plugin = PluginServer(self._controller, self.reload_soon)
+        self.spares = VethSpares()  # veths made ahead for Docker's Joins
+        self.plugin = PluginServer(self._controller, self._plugin_changed)
         self._reload_wanted = False
         self._reloader: asyncio.Task[None] | None = None
         self.bridges: list[str] = []
@@ -129,7 +137,8 @@ class Daemon:
     def _controller(self) -> Controller:
         controller: Controller | None = getattr(self._workers, "controller", None)
         if controller is None:
-            controller = Controller(Store(self.state), {"bridge": BridgeDriver(self.reaper)})
+            driver = BridgeDriver(self.reaper, self.spares)
+            controller = Controller(Store(self.state), {"bridge": driver})
             self._workers.controller = controller
         return controller
 
@@ -157,14 +166,23 @@ class Daemon:
             len(endpoints),
         )
 
-    def reload_soon(self) -> None:
-        """Reload in the background, once for a burst of changes (a Docker plugin call
-        answers first; its next call on the same connection must not wait for this)."""
+    def reload_soon(self, delay: float = 0.0) -> None:
+        """Reload in the background after `delay` seconds, once for a burst of changes (a
+        Docker plugin call answers first; its next call on the same connection must not
+        wait for this)."""
         self._reload_wanted = True
-        if self._reloader is None or self._reloader.done():
-            self._reloader = asyncio.get_running_loop().create_task(self._reload_wanted_ones())
+        if not self._reload_pending():
+            self._reloader = asyncio.get_running_loop().create_task(self._reload_wanted_ones(delay))
 
-    async def _reload_wanted_ones(self) -> None:
+    def _plugin_changed(self) -> None:
+        self.reload_soon(PLUGIN_RELOAD_DELAY)
+
+    def _reload_pending(self) -> bool:
+        return self._reloader is not None and not self._reloader.done()
+
+    async def _reload_wanted_ones(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
         while self._reload_wanted:
             self._reload_wanted = False
             try:
@@ -181,7 +199,8 @@ class Daemon:
         """
         while True:
             try:
-                if self.store.data_version() != self._seen_version:
+                # a reload on its way reads the latest state anyway
+                if self.store.data_version() != self._seen_version and not self._reload_pending():
                     await self.reload()
             except Exception:  # a bad row or a locked database must not stop the watch
                 log.exception("reload failed; retrying")
@@ -215,6 +234,8 @@ class Daemon:
             loop.add_signal_handler(signum, self.stopping.set)
         log.info("netstackd %s serving on %s (state %s)", __version__, sock, self.state)
         await self.reload()
+        with contextlib.suppress(NetstackError):  # a killed daemon's spares
+            await loop.run_in_executor(None, VethSpares.sweep)
         watcher = asyncio.create_task(self.watch())
         coexisting = asyncio.create_task(self.coexist())
         try:
@@ -227,6 +248,7 @@ class Daemon:
             await self.plugin.close()
             await self.dns.close()
             await self.relay.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.spares.close)
             await asyncio.get_running_loop().run_in_executor(None, self.reaper.close)
             self.store.close()
             server.close()

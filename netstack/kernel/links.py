@@ -152,9 +152,11 @@ def create_veth(
     isolated: bool,
     hairpin: bool = True,
     peer_namespace: str | None = None,
+    up: bool = True,
 ) -> None:
-    """A veth pair whose host end is a port of `master` (up); the peer is created in
-    `peer_namespace` (a name or path; default: this namespace), down and unaddressed.
+    """A veth pair whose host end is a port of `master` (up, unless `up` is false); the
+    peer is created in `peer_namespace` (a name or path; default: this namespace), down and
+    unaddressed.
 
     `isolated` sets bridge port isolation: isolated ports reach the bridge (the gateway) but
     not each other; `hairpin` lets a frame leave by the port it came in (a sandbox reaching
@@ -185,7 +187,7 @@ def create_veth(
                     kind="veth",
                     mtu=mtu,
                     master=master_index,
-                    state="up",
+                    state="up" if up else "down",
                     peer=peer,
                 )
         with netlink_errors(f"configuring veth {host_name}"):
@@ -194,6 +196,29 @@ def create_veth(
                 raise KernelError(f"veth {host_name} vanished while being created; try again")
             ipr.brport("set", index=index, mode=int(hairpin), isolated=int(isolated))
             _no_ipv6_autoconf(ipr, index)  # a bridge port needs no address of its own
+
+
+def claim_veth(spare_host: str, spare_peer: str, host: str, peer: str, peer_mac: str) -> None:
+    """Give a pair made ahead by `create_veth(..., up=False)` (both ends in this namespace)
+    its final names and the peer's MAC, and bring the host end up: two netlink calls where
+    creating a pair takes three and the kernel's device registration.
+
+    Raises NotFound when the spare is gone, Conflict when a final name is taken, KernelError
+    otherwise; on failure the caller deletes the pair (by either host name).
+    """
+    host_index, peer_index = _here_index(spare_host), _here_index(spare_peer)
+    if host_index is None or peer_index is None:
+        raise NotFound(f"spare veth {spare_host} is gone")
+    with _ipr() as ipr, netlink_errors(f"claiming spare veth {spare_host} as {host}"):
+        ipr.link("set", index=host_index, ifname=host, state="up")  # renamed, then up
+        ipr.link("set", index=peer_index, ifname=peer, address=peer_mac)
+
+
+def links_named(prefix: str) -> list[str]:
+    """Names of the links in this namespace that start with `prefix`."""
+    with _ipr() as ipr, netlink_errors("listing links"):
+        names = (str(link.get("IFLA_IFNAME")) for link in ipr.get_links())
+        return [name for name in names if name.startswith(prefix)]
 
 
 _ETH = re.compile(r"eth(\d+)$")

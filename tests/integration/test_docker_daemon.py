@@ -112,6 +112,11 @@ def veths(host: Host) -> list[str]:
     return [link for link in host.links() if link.startswith(("nsv", "nsp"))]
 
 
+def spares(host: Host) -> list[str]:
+    """Veth pairs netstackd made ahead (drivers/bridge/spares.py)."""
+    return [link for link in host.links() if link.startswith(("nsw", "nsy"))]
+
+
 def publish_elements(host: Host) -> str:
     return host.run("nft", "list", "map", "inet", "netstack", "pub4_any", check=False).stdout
 
@@ -206,10 +211,78 @@ def test_docker_calls_build_and_remove_everything(
     client.call("IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": "172.17.0.1"})
     client.call("IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]})
     assert bridge not in host.links()
+    assert spares(host) == []  # the killed daemon's were swept, the new one's dropped
     assert host.netctl_json("network", "ls") == []
     assert host.netctl_json("sandbox", "ls") == []
     for netns in sandboxes:
         assert Path(netns).exists()  # the containers' namespaces are Docker's, never deleted
+
+
+def test_joins_take_pairs_made_ahead(host: Host, plugin: tuple[Path, str]) -> None:
+    """After a first Join, netstackd makes a spare pair on the bridge; the next Join takes
+    it over: final names, the network's MTU, the endpoint's MAC, a working link. Deleting
+    the network deletes the spare made after that."""
+    path, _name = plugin
+    client = Client(path)
+    pool = client.call("IpamDriver.RequestPool", {"AddressSpace": "netstack-local", "Pool": ""})
+    gateway = client.call(
+        "IpamDriver.RequestAddress",
+        {"PoolID": pool["PoolID"], "Options": {"RequestAddressType": "com.docker.network.gateway"}},
+    )
+    client.call(
+        "NetworkDriver.CreateNetwork",
+        {"NetworkID": NID, "Options": {"com.docker.network.generic": {"mtu": "1400"}},
+         "IPv4Data": [{"Pool": pool["Pool"], "Gateway": gateway["Address"]}]},
+    )  # fmt: skip
+    bridge = f"nsbr{NID[:11]}"
+    sandboxes, addresses = [], []
+    for number, endpoint_id in enumerate(EIDS):
+        address = client.call("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
+        if number == 1:  # made after the first Join, waiting on the bridge, down
+            deadline = time.monotonic() + 10
+            while len(spares(host)) < 2:
+                assert time.monotonic() < deadline, "no spare pair was made"
+                time.sleep(0.05)
+            made = spares(host)
+            for link in host.ip_json("link", "show", "master", bridge):
+                if link["ifname"] in made:
+                    assert "UP" not in link["flags"], link
+                    assert link["mtu"] == 1400, link
+        created = client.call(
+            "NetworkDriver.CreateEndpoint",
+            {"NetworkID": NID, "EndpointID": endpoint_id, "Interface": {"Address": address},
+             "Options": {}},
+        )  # fmt: skip
+        netns = container(host, f"s{number}")
+        joined = client.call(
+            "NetworkDriver.Join",
+            {"NetworkID": NID, "EndpointID": endpoint_id, "SandboxKey": netns, "Options": {}},
+        )
+        if number == 1:
+            assert not set(made) & set(host.links()), "the spare was not taken"
+        (host_end,) = host.ip_json("link", "show", f"nsv{endpoint_id[:12]}")
+        assert host_end["master"] == bridge and host_end["mtu"] == 1400, host_end
+        assert "UP" in host_end["flags"], host_end
+        (peer,) = host.ip_json("link", "show", f"nsp{endpoint_id[:12]}")
+        assert peer["address"] == created["Interface"]["MacAddress"], peer
+        assert peer["mtu"] == 1400, peer
+        move_in(host, joined, netns, address)
+        sandboxes.append(netns)
+        addresses.append(address.split("/")[0])
+    assert ping(sandboxes[0], addresses[1])
+    assert ping(sandboxes[1], addresses[0])
+
+    for endpoint_id in EIDS:
+        ref = {"NetworkID": NID, "EndpointID": endpoint_id}
+        client.call("NetworkDriver.Leave", ref)
+        client.call("NetworkDriver.DeleteEndpoint", ref)
+    deadline = time.monotonic() + 10
+    while not spares(host):  # the one made after the second Join
+        assert time.monotonic() < deadline, "no spare pair after the second Join"
+        time.sleep(0.05)
+    client.call("NetworkDriver.DeleteNetwork", {"NetworkID": NID})
+    assert spares(host) == []
+    assert bridge not in host.links()
 
 
 def test_malformed_http_never_stops_the_plugin(host: Host, plugin: tuple[Path, str]) -> None:
