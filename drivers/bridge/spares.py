@@ -18,8 +18,10 @@ goes, `close` every one. Only for a long-lived process in one namespace (netstac
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 
 from netstack.errors import NetstackError
@@ -58,7 +60,9 @@ class VethSpares:
         self._lock = threading.Lock()
         self._ready: dict[str, _Spare] = {}
         self._making: set[str] = set()
-        self._timers: set[threading.Timer] = set()
+        self._queue: queue.SimpleQueue[tuple[float, SpareShape] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
         self._closed = False
         self.claimed = 0
         self.missed = 0
@@ -134,9 +138,11 @@ class VethSpares:
             self._closed = True
             spares = list(self._ready.values())
             self._ready.clear()
-            timers = list(self._timers)
-        for timer in timers:
-            timer.cancel()
+            worker = self._worker
+        self._stop.set()
+        self._queue.put(None)
+        if worker is not None:
+            worker.join(timeout=10)
         for spare in spares:
             self._delete(spare)
 
@@ -152,20 +158,29 @@ class VethSpares:
         return len(names)
 
     def _refill_later(self, shape: SpareShape) -> None:
+        """Queue a refill for `REFILL_DELAY` from now, for the one refill thread (started at
+        the first need: starting a thread per claim would make the claim wait for it)."""
         with self._lock:
             if self._closed:
                 return
-            timer = threading.Timer(self.refill_delay, self._timed_refill, (shape,))
-            timer.daemon = True
-            self._timers.add(timer)
-        timer.start()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._refills, name="veth-spares")
+                self._worker.daemon = True
+                self._worker.start()
+        self._queue.put((time.monotonic() + self.refill_delay, shape))
 
-    def _timed_refill(self, shape: SpareShape) -> None:
-        try:
-            self.refill(shape)
-        finally:
-            with self._lock:
-                self._timers.discard(threading.current_thread())
+    def _refills(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            due, shape = item
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                return
+            try:
+                self.refill(shape)
+            except Exception:  # never lose the thread
+                log.exception("making a spare veth for %s failed", shape.bridge)
 
     @staticmethod
     def _delete(spare: _Spare) -> None:
