@@ -599,18 +599,18 @@ class Controller:
         )
         return endpoint
 
-    def prepare_join(self, endpoint_id: str, options: JoinOptions) -> bool:
+    def prepare_join(self, endpoint_id: str, options: JoinOptions) -> str | None:
         """Make the endpoint's interface ahead of join_endpoint when both of its ends stay
         in the host namespace (`options.peer_in_host`: no sandbox is involved yet); a later
-        join with `prepared` then only names it. True when made; an endpoint deleted
-        meanwhile (or another mode) is nothing to do. Undo: delete_endpoint."""
+        join with `prepared` set to the returned peer name then only names it. None when
+        there was nothing to do: an endpoint deleted meanwhile, or another mode. Undo:
+        delete_endpoint."""
         endpoint = self.store.endpoint_by_id(endpoint_id)
         if endpoint is None or not options.peer_in_host:
-            return False
+            return None
         network = self.network(endpoint.network_id)
         unjoined = Sandbox(name=endpoint.sandbox, path="")  # not touched in this mode
-        self.driver(network.driver).join(network, endpoint, unjoined, options)
-        return True
+        return self.driver(network.driver).join(network, endpoint, unjoined, options)
 
     def leave_endpoint(self, endpoint_id: str, placeholder: str) -> None:
         """Record the endpoint as no longer in its sandbox (named `placeholder` again); forget

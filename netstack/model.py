@@ -128,11 +128,12 @@ class JoinOptions:
     `peer_in_host`: the caller moves the interface into the sandbox itself and configures
     it (Docker's engine does): both ends stay in the host namespace, the sandbox end
     unaddressed and down; join returns its name there. `ifname` and `routes` are ignored.
-    `prepared`: with `peer_in_host`, the caller made the pair already in this process
-    (Controller.prepare_join) and nothing has touched it since: join only names it.
+    `prepared`: with `peer_in_host`, the name of the peer of a pair the caller made already
+    in this process (Controller.prepare_join) that nothing has touched since: join only
+    names it.
     """
 
     ifname: str | None = None
     routes: tuple[Route, ...] | None = None
     peer_in_host: bool = False
-    prepared: bool = False
+    prepared: str | None = None

@@ -161,7 +161,7 @@ class BridgeDriver:
         where = sandbox.path
         if options.peer_in_host:
             if options.prepared:
-                return peer_veth_name(endpoint.id)
+                return options.prepared
             return self._join_peer_in_host(endpoint, bridge, self._spares)
 
         def create(ifname: str) -> None:
@@ -210,8 +210,8 @@ class BridgeDriver:
         A spare pair made ahead is used when there is one."""
         host, peer = host_veth_name(endpoint.id), peer_veth_name(endpoint.id)
         shape = SpareShape(bridge.bridge_name, bridge.mtu, not bridge.icc, bridge.hairpin)
-        if spares is not None and spares.claim(shape, host, peer, endpoint.mac):
-            return peer
+        if spares is not None and (spare_peer := spares.claim(shape, host)):
+            return spare_peer  # dockerd sets the endpoint's MAC on it
 
         def create() -> None:
             links.create_veth(

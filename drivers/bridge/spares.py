@@ -3,8 +3,9 @@ namespace (Docker's Join: dockerd moves the peer into the container itself).
 
 Why: `docker network connect` waits on the Join, and the Join on the veth pair. Creating
 a pair costs three netlink calls and the kernel's device registration (~2.6 ms on a quiet
-machine, 5-6 ms while dockerd works beside it); claiming one made ahead costs two calls
-that only rename it, set the peer's MAC and bring the host end up. A spare is made in the
+machine, 5-6 ms while dockerd works beside it); claiming one made ahead costs one call
+that renames the host end and brings it up (the peer keeps its spare name and MAC: Docker
+moves it, renames it and sets the endpoint's MAC itself). A spare is made in the
 background a little after each claim (`REFILL_DELAY`, so its work does not compete with
 the connect that just took one), and the first time a bridge is asked for one.
 
@@ -67,31 +68,31 @@ class VethSpares:
         self.claimed = 0
         self.missed = 0
 
-    def claim(self, shape: SpareShape, host: str, peer: str, peer_mac: str) -> bool:
-        """Turn this bridge's spare into the pair `host`/`peer` (peer MAC `peer_mac`, host end
-        up, peer down in this namespace). False when there is none (or it does not fit, or
-        the kernel refused): make the pair the usual way then. Either way a new spare is
-        made soon."""
+    def claim(self, shape: SpareShape, host: str) -> str | None:
+        """Turn this bridge's spare into the pair whose host end is `host` (up; the peer down
+        in this namespace, its MAC left for the caller to set); the peer's name. None when
+        there is none (or it does not fit, or the kernel refused): make the pair the usual
+        way then. Either way a new spare is made soon."""
         with self._lock:
             spare = self._ready.pop(shape.bridge, None)
         self._refill_later(shape)
         if spare is None:
             self.missed += 1
-            return False
+            return None
         if spare.shape != shape:
             self._delete(spare)
             self.missed += 1
-            return False
+            return None
         try:
-            links.claim_veth(spare.host, spare.peer, host, peer, peer_mac)
+            links.claim_veth(spare.host, host)
         except NetstackError as exc:
             log.info("spare veth %s not usable (%s); making %s afresh", spare.host, exc, host)
             self._delete(spare)
             links.delete_link(host)  # renamed already, if the second call failed
             self.missed += 1
-            return False
+            return None
         self.claimed += 1
-        return True
+        return spare.peer
 
     def refill(self, shape: SpareShape) -> None:
         """Make this bridge's spare now, unless it has one (or one is being made)."""

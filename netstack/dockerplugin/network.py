@@ -36,7 +36,6 @@ DRIVER = "bridge"
 
 Later = Callable[[Controller], None]
 HOST_PEER = JoinOptions(peer_in_host=True)
-PREPARED = JoinOptions(peer_in_host=True, prepared=True)
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,13 @@ class Answer:
 class _EndpointLocks:
     """One lock per endpoint id, process-wide: work ahead of a Join (after CreateEndpoint),
     the Join itself and DeleteEndpoint never run at once on one endpoint's interface.
-    `prepared` holds the endpoints whose veth pair this process made ahead of their Join."""
+    `prepared` holds the endpoints whose veth pair this process made ahead of their Join,
+    with the name of the pair's peer."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self.prepared: set[str] = set()
+        self.prepared: dict[str, str] = {}
 
     @contextmanager
     def hold(self, endpoint_id: str) -> Iterator[None]:
@@ -67,7 +67,7 @@ class _EndpointLocks:
     def forget(self, endpoint_id: str) -> None:
         with self._guard:
             self._locks.pop(endpoint_id, None)
-            self.prepared.discard(endpoint_id)
+            self.prepared.pop(endpoint_id, None)
 
 
 ENDPOINT_LOCKS = _EndpointLocks()
@@ -165,8 +165,9 @@ def create_endpoint(controller: Controller, request: wire.CreateEndpoint) -> Ans
 def _preparer(endpoint_id: str) -> Later:
     def prepare(controller: Controller) -> None:
         with ENDPOINT_LOCKS.hold(endpoint_id):
-            if controller.prepare_join(endpoint_id, HOST_PEER):
-                ENDPOINT_LOCKS.prepared.add(endpoint_id)
+            peer = controller.prepare_join(endpoint_id, HOST_PEER)
+            if peer is not None:
+                ENDPOINT_LOCKS.prepared[endpoint_id] = peer
 
     return prepare
 
@@ -193,13 +194,13 @@ def endpoint_oper_info(controller: Controller, request: wire.EndpointRef) -> wir
 
 def join(controller: Controller, request: wire.Join) -> wire.Document:
     with ENDPOINT_LOCKS.hold(request.endpoint_id):  # waits for a veth being made ahead
-        prepared = request.endpoint_id in ENDPOINT_LOCKS.prepared
-        ENDPOINT_LOCKS.prepared.discard(request.endpoint_id)  # a retried Join checks again
+        # a retried Join checks again
+        prepared = ENDPOINT_LOCKS.prepared.pop(request.endpoint_id, None)
         endpoint = controller.join_endpoint(
             request.endpoint_id,
             sandbox_name(request.sandbox_key),
             request.sandbox_key,
-            PREPARED if prepared else HOST_PEER,
+            HOST_PEER if prepared is None else JoinOptions(peer_in_host=True, prepared=prepared),
         )
     network = controller.network(endpoint.network_id)
     reply: wire.Document = {

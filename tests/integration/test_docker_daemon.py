@@ -82,13 +82,17 @@ def container(host: Host, suffix: str) -> str:
     return f"/run/netns/{name}"
 
 
-def move_in(host: Host, joined: dict[str, Any], netns: str, address: str) -> None:
-    """What dockerd does after Join: move SrcName into the sandbox as eth0, address it, up,
-    default route via the Gateway."""
+def move_in(
+    host: Host, joined: dict[str, Any], netns: str, address: str, mac: str | None = None
+) -> None:
+    """What dockerd does after Join: move SrcName into the sandbox as eth0, set the MAC it
+    knows for the endpoint, address it, up, default route via the Gateway."""
     src = joined["InterfaceName"]["SrcName"]
     assert joined["InterfaceName"]["DstPrefix"] == "eth"
     host.run("ip", "link", "set", src, "netns", netns)
     inside = ["nsenter", f"--net={netns}", "ip"]
+    if mac is not None:
+        subprocess.run([*inside, "link", "set", src, "address", mac], check=True, timeout=30)
     for argv in (
         ["link", "set", src, "name", "eth0"],
         ["addr", "add", address, "dev", "eth0"],
@@ -258,15 +262,28 @@ def test_joins_take_pairs_made_ahead(host: Host, plugin: tuple[Path, str]) -> No
             "NetworkDriver.Join",
             {"NetworkID": NID, "EndpointID": endpoint_id, "SandboxKey": netns, "Options": {}},
         )
-        if number == 1:
-            assert not set(made) & set(host.links()), "the spare was not taken"
+        peer_name = joined["InterfaceName"]["SrcName"]
+        if number == 1:  # the spare's host end was renamed; its peer keeps its name
+            spare_peer = next(name for name in made if name.startswith("nsy"))
+            assert peer_name == spare_peer
+            spare_host = next(name for name in made if name.startswith("nsw"))
+            assert spare_host not in host.links(), "the spare was not taken"
+        else:
+            assert peer_name == f"nsp{endpoint_id[:12]}"
         (host_end,) = host.ip_json("link", "show", f"nsv{endpoint_id[:12]}")
         assert host_end["master"] == bridge and host_end["mtu"] == 1400, host_end
         assert "UP" in host_end["flags"], host_end
-        (peer,) = host.ip_json("link", "show", f"nsp{endpoint_id[:12]}")
-        assert peer["address"] == created["Interface"]["MacAddress"], peer
+        (peer,) = host.ip_json("link", "show", peer_name)
         assert peer["mtu"] == 1400, peer
-        move_in(host, joined, netns, address)
+        mac = created["Interface"]["MacAddress"]
+        move_in(host, joined, netns, address, mac)
+        eth0 = json.loads(
+            subprocess.run(
+                ["nsenter", f"--net={netns}", "ip", "-j", "link", "show", "eth0"],
+                capture_output=True, check=True, timeout=30, text=True,
+            ).stdout
+        )[0]  # fmt: skip
+        assert eth0["address"] == mac and eth0["mtu"] == 1400, eth0
         sandboxes.append(netns)
         addresses.append(address.split("/")[0])
     assert ping(sandboxes[0], addresses[1])

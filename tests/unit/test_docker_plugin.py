@@ -32,7 +32,7 @@ class FakeBridge(BridgeDriver):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, str]] = []
-        self.prepared: list[bool] = []
+        self.prepared: list[str | None] = []
 
     def create_network(self, network: Network) -> None:
         self.calls.append(("create_network", network.id))
@@ -460,13 +460,13 @@ def test_join_after_the_interface_was_made_ahead_only_names_it(plugin: Plugin) -
         )
         assert joined["InterfaceName"]["SrcName"] == f"nsp{endpoint_id[:12]}"
     # made ahead (not prepared), joined (prepared), joined without preparation
-    assert plugin.driver.prepared == [False, True, False]
+    assert plugin.driver.prepared == [None, f"nsp{EID[:12]}", None]
 
 
 def test_bridge_driver_names_a_prepared_pair_without_the_kernel() -> None:
     network = Network(id=NID, name="n", driver="bridge", pools=[])
     endpoint = Endpoint(id=EID, network_id=NID, sandbox="docker/x", mac="02:00:00:00:00:01")
     name = BridgeDriver().join(
-        network, endpoint, Sandbox("docker/x", ""), JoinOptions(peer_in_host=True, prepared=True)
+        network, endpoint, Sandbox("docker/x", ""), JoinOptions(peer_in_host=True, prepared="nsyab")
     )
-    assert name == f"nsp{EID[:12]}"
+    assert name == "nsyab"

@@ -25,11 +25,10 @@ class FakeKernel:
             raise KernelError(f"bridge {master!r} is missing")
         self.links[host] = {"peer": peer, "master": master, "mtu": mtu, "up": kw["up"], **kw}
 
-    def claim_veth(self, spare_host: str, spare_peer: str, host: str, peer: str, mac: str) -> None:
+    def claim_veth(self, spare_host: str, host: str) -> None:
         if self.fail_claim is not None:
             raise self.fail_claim
-        link = self.links.pop(spare_host)
-        self.links[host] = {**link, "peer": peer, "up": True, "peer_mac": mac}
+        self.links[host] = {**self.links.pop(spare_host), "up": True}
 
     def delete_link(self, name: str, namespace: str | None = None) -> None:
         self.deleted.append(name)
@@ -56,13 +55,13 @@ def wait_for(condition: Any) -> None:
 
 def test_a_miss_makes_a_spare_soon_and_the_next_claim_takes_it(kernel: FakeKernel) -> None:
     pool = spares.VethSpares(refill_delay=0.01)
-    assert pool.claim(SHAPE, "nsvA", "nspA", "02:00:00:00:00:0a") is False
+    assert pool.claim(SHAPE, "nsvA") is None
     wait_for(lambda: kernel.links_named("nsw"))
     (made,) = kernel.links_named("nsw")
     assert kernel.links[made]["up"] is False and kernel.links[made]["mtu"] == 1500
     assert kernel.links[made]["peer"] == "nsy" + made[3:]
-    assert pool.claim(SHAPE, "nsvB", "nspB", "02:00:00:00:00:0b") is True
-    assert kernel.links["nsvB"]["peer"] == "nspB" and kernel.links["nsvB"]["up"] is True
+    assert pool.claim(SHAPE, "nsvB") == "nsy" + made[3:]
+    assert kernel.links["nsvB"]["up"] is True
     assert (pool.claimed, pool.missed) == (1, 1)
     wait_for(lambda: kernel.links_named("nsw"))  # the next one
     pool.close()
@@ -74,7 +73,7 @@ def test_a_spare_of_other_settings_is_deleted_not_used(kernel: FakeKernel) -> No
     pool.refill(SHAPE)
     (made,) = kernel.links_named("nsw")
     other = spares.SpareShape("nsbr1", 1400, isolated=False, hairpin=True)
-    assert pool.claim(other, "nsvA", "nspA", "02:00:00:00:00:0a") is False
+    assert pool.claim(other, "nsvA") is None
     assert made in kernel.deleted
     pool.close()
 
@@ -85,7 +84,7 @@ def test_a_failed_claim_deletes_the_spare_and_misses(kernel: FakeKernel, error: 
     pool.refill(SHAPE)
     (made,) = kernel.links_named("nsw")
     kernel.fail_claim = error
-    assert pool.claim(SHAPE, "nsvA", "nspA", "02:00:00:00:00:0a") is False
+    assert pool.claim(SHAPE, "nsvA") is None
     assert made in kernel.deleted and "nsvA" in kernel.deleted
     pool.close()
 
