@@ -6,6 +6,7 @@ concurrent netctl/CNI processes serialise their writes and never see half an ope
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -77,6 +78,18 @@ def state_dir() -> Path:
 def now() -> str:
     """Current UTC time in RFC 3339 form."""
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ipv4_interface(text: str) -> ipaddress.IPv4Interface:
+    """Parsed once per address text: interface objects are immutable, and parsing them was
+    most of the cost of reading every endpoint (netstackd does after each change)."""
+    return ipaddress.IPv4Interface(text)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ipv6_interface(text: str) -> ipaddress.IPv6Interface:
+    return ipaddress.IPv6Interface(text)
 
 
 class StoreError(NetstackError):
@@ -282,8 +295,8 @@ class Store:
             sandbox=str(row[2]),
             interface=str(row[3]),
             mac=str(row[4]),
-            ipv4=None if row[5] is None else ipaddress.IPv4Interface(str(row[5])),
-            ipv6=None if row[6] is None else ipaddress.IPv6Interface(str(row[6])),
+            ipv4=None if row[5] is None else _ipv4_interface(str(row[5])),
+            ipv6=None if row[6] is None else _ipv6_interface(str(row[6])),
             aliases=json.loads(str(row[7])),
             created=str(row[8]),
         )

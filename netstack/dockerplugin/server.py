@@ -69,6 +69,7 @@ class PluginServer:
         self.on_change = on_change
         self._server: asyncio.AbstractServer | None = None
         self.path: Path | None = None
+        self.calls_in_flight = 0
 
     async def start(self, path: Path) -> None:
         """Listen on `path`; a stale socket file there (its server gone) is replaced.
@@ -138,7 +139,11 @@ class PluginServer:
             return app.Reply(405, {"Err": "plugin methods are called with POST"})
         path = request.target.decode("ascii", "replace")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, app.handle, path, body, self.make_controller)
+        self.calls_in_flight += 1
+        try:
+            return await loop.run_in_executor(None, app.handle, path, body, self.make_controller)
+        finally:
+            self.calls_in_flight -= 1
 
     @staticmethod
     async def _read_request(
