@@ -88,7 +88,7 @@ class VethSpares:
         except NetstackError as exc:
             log.info("spare veth %s not usable (%s); making %s afresh", spare.host, exc, host)
             self._delete(spare)
-            links.delete_link(host)  # renamed already, if the second call failed
+            links.delete_link(host)  # the rename may have gone through, bringing it up not
             self.missed += 1
             return None
         self.claimed += 1

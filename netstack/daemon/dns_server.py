@@ -107,7 +107,7 @@ class UdpThread(threading.Thread):
 
     def _serve_batches(self, batch: mmsg.BatchSocket) -> None:
         """Every waiting query in one recvmmsg, their replies in one sendmmsg."""
-        sock, records, forward = self.sock, self.records, self.forward
+        records = self.records
         cache = ReplyCache()
         senders: dict[bytes, tuple[str, int]] = {}
         while True:
@@ -131,25 +131,14 @@ class UdpThread(threading.Thread):
                     if len(senders) >= MAX_KNOWN_SENDERS:
                         senders.clear()
                     client = senders[raw] = mmsg.sender(raw)
-                try:
-                    result = cache.answer(query, client[0], current)
-                    if result is None:
-                        continue
-                    if result.__class__ is bytes:
-                        if not batch.reply(i, result):
-                            sock.sendto(result, client)
-                    else:
-                        forward(sock, client, result)  # type: ignore[arg-type]
-                except OSError as exc:
-                    log.debug("dns: udp send to %s failed: %s", client[0], exc)
-                except Exception:  # a bug costs one query, never the listener
-                    log.exception("dns: failed to serve a query from %s", client[0])
+                reply = self._answer(cache, query, client, current)
+                if reply is not None and not batch.reply(i, reply):
+                    self._send(reply, client)
             batch.flush()
 
     def _serve_one_by_one(self) -> None:
         """recvfrom/sendto: where recvmmsg is not available."""
-        sock, records, forward = self.sock, self.records, self.forward
-        recv, send = sock.recvfrom, sock.sendto
+        recv, records = self.sock.recvfrom, self.records
         cache = ReplyCache()
         while True:
             try:
@@ -163,18 +152,31 @@ class UdpThread(threading.Thread):
                 if self.stopping:
                     return
                 continue
-            try:
-                result = cache.answer(query, client[0], records())
-                if result is None:
-                    continue
-                if result.__class__ is bytes:
-                    send(result, client)
-                else:
-                    forward(sock, client, result)  # type: ignore[arg-type]
-            except OSError as exc:
-                log.debug("dns: udp send to %s failed: %s", client[0], exc)
-            except Exception:  # a bug costs one query, never the listener
-                log.exception("dns: failed to serve a query from %s", client[0])
+            reply = self._answer(cache, query, client, records())
+            if reply is not None:
+                self._send(reply, client)
+
+    def _answer(
+        self, cache: ReplyCache, query: bytes, client: Any, records: Records
+    ) -> bytes | None:
+        """The reply to send for `query`; None when it is dropped or handed to the loop to
+        forward. Never raises: a bug costs one query, never the listener."""
+        try:
+            result = cache.answer(query, client[0], records)
+            if result is None or result.__class__ is bytes:
+                return result
+            self.forward(self.sock, client, result)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.debug("dns: udp send to %s failed: %s", client[0], exc)
+        except Exception:
+            log.exception("dns: failed to serve a query from %s", client[0])
+        return None
+
+    def _send(self, reply: bytes, client: Any) -> None:
+        try:
+            self.sock.sendto(reply, client)
+        except OSError as exc:
+            log.debug("dns: udp send to %s failed: %s", client[0], exc)
 
     def stop(self) -> None:
         self.stopping = True

@@ -125,17 +125,11 @@ def publish_elements(host: Host) -> str:
     return host.run("nft", "list", "map", "inet", "netstack", "pub4_any", check=False).stdout
 
 
-def test_docker_calls_build_and_remove_everything(
-    host: Host, plugin: tuple[Path, str], tmp_path: Path
-) -> None:
-    path, name = plugin
-    client = Client(path)
-    status, activated, content_type = client.raw("Plugin.Activate", b"")
-    assert (status, content_type) == (200, CONTENT_TYPE)
-    assert activated == {"Implements": ["NetworkDriver", "IpamDriver"]}
-
+def create_network(client: Client) -> tuple[dict[str, Any], str]:
+    """What dockerd asks for `docker network create -d netstack --ipam-driver netstack -o
+    mtu=1400` without a subnet: a default pool, its gateway, the network NID. (The pool's
+    answer, the bridge's name.)"""
     pool = client.call("IpamDriver.RequestPool", {"AddressSpace": "netstack-local", "Pool": ""})
-    assert pool["Pool"] == "172.17.0.0/16"
     gateway = client.call(
         "IpamDriver.RequestAddress",
         {"PoolID": pool["PoolID"], "Options": {"RequestAddressType": "com.docker.network.gateway"}},
@@ -145,7 +139,20 @@ def test_docker_calls_build_and_remove_everything(
         {"NetworkID": NID, "Options": {"com.docker.network.generic": {"mtu": "1400"}},
          "IPv4Data": [{"Pool": pool["Pool"], "Gateway": gateway["Address"]}]},
     )  # fmt: skip
-    bridge = f"nsbr{NID[:11]}"
+    return pool, f"nsbr{NID[:11]}"
+
+
+def test_docker_calls_build_and_remove_everything(
+    host: Host, plugin: tuple[Path, str], tmp_path: Path
+) -> None:
+    path, name = plugin
+    client = Client(path)
+    status, activated, content_type = client.raw("Plugin.Activate", b"")
+    assert (status, content_type) == (200, CONTENT_TYPE)
+    assert activated == {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+    pool, bridge = create_network(client)
+    assert pool["Pool"] == "172.17.0.0/16"
     assert bridge in host.links()
     (listed,) = host.netctl_json("network", "ls")
     assert listed["Name"] == f"docker-{NID[:12]}"
@@ -228,17 +235,7 @@ def test_joins_take_pairs_made_ahead(host: Host, plugin: tuple[Path, str]) -> No
     the network deletes the spare made after that."""
     path, _name = plugin
     client = Client(path)
-    pool = client.call("IpamDriver.RequestPool", {"AddressSpace": "netstack-local", "Pool": ""})
-    gateway = client.call(
-        "IpamDriver.RequestAddress",
-        {"PoolID": pool["PoolID"], "Options": {"RequestAddressType": "com.docker.network.gateway"}},
-    )
-    client.call(
-        "NetworkDriver.CreateNetwork",
-        {"NetworkID": NID, "Options": {"com.docker.network.generic": {"mtu": "1400"}},
-         "IPv4Data": [{"Pool": pool["Pool"], "Gateway": gateway["Address"]}]},
-    )  # fmt: skip
-    bridge = f"nsbr{NID[:11]}"
+    pool, bridge = create_network(client)
     sandboxes, addresses = [], []
     for number, endpoint_id in enumerate(EIDS):
         address = client.call("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
