@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import string
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from netstack.model import Endpoint, IPAddress, IPNetwork, Network
+from netstack.model import Endpoint, EndpointRow, IPAddress, IPNetwork, Network
 from netstack.network_options import DNS_DOMAIN
 
 DOMAIN_OPTION = DNS_DOMAIN
@@ -145,6 +146,8 @@ class _Addresses:
 
 
 def _unique(items: Iterable[T]) -> tuple[T, ...]:
+    if isinstance(items, list) and len(items) < 2:
+        return tuple(items)  # nothing to drop (and no hashing: address hashes are dear)
     return tuple(dict.fromkeys(items))
 
 
@@ -168,7 +171,7 @@ class Records:
     generation: int
     network_order: tuple[str, ...]
     names: dict[str, dict[str, _Addresses]]
-    pointers: dict[IPAddress, tuple[tuple[str, str], ...]]
+    pointers: Mapping[IPAddress, Sequence[tuple[str, str]]]  # (network id, name), in order
     subnets: tuple[IPNetwork, ...]
     domains: dict[str, str]  # network id -> its DNS domain (networks with dns.domain only)
     clients: dict[IPAddress, Scope]
@@ -176,7 +179,8 @@ class Records:
     _cursors: dict[tuple[Scope, str, str], Iterator[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._client_text.update({str(address): scope for address, scope in self.clients.items()})
+        if not self._client_text:  # the builder passes it ready-made
+            self._client_text.update({str(a): scope for a, scope in self.clients.items()})
 
     def scope(self, client: str | IPAddress) -> Scope | None:
         """The networks the client at this address may resolve names on; None if unknown.
@@ -297,6 +301,200 @@ def network_domain(network: Network) -> str | None:
     return domain if domain and valid_name(domain) else None
 
 
+@dataclass(frozen=True, slots=True)
+class _EndpointNames:
+    """What one endpoint puts in the records: worked out once per endpoint and domain."""
+
+    network_id: str
+    sandbox: str
+    addresses: tuple[IPAddress, ...]  # IPv4 first
+    texts: tuple[str, ...]  # the addresses as text (the socket layer's form of a client)
+    v4: ipaddress.IPv4Address | None
+    v6: ipaddress.IPv6Address | None
+    labels: tuple[str, ...]  # the names it answers to on its network (domain forms too)
+    target: str | None  # its PTR target; None when that name does not fit the wire format
+
+
+def endpoint_row(endpoint: Endpoint) -> EndpointRow:
+    """An endpoint in the store's row form (`Store.endpoint_name_rows`)."""
+    return (
+        endpoint.id,
+        endpoint.network_id,
+        endpoint.sandbox,
+        None if endpoint.ipv4 is None else str(endpoint.ipv4),
+        None if endpoint.ipv6 is None else str(endpoint.ipv6),
+        json.dumps(endpoint.aliases),
+    )
+
+
+def _endpoint_names(row: EndpointRow, domain: str | None) -> _EndpointNames:
+    _, network_id, sandbox, ipv4, ipv6, aliases = row
+    v4 = None if ipv4 is None else ipaddress.IPv4Interface(ipv4).ip
+    v6 = None if ipv6 is None else ipaddress.IPv6Interface(ipv6).ip
+    addresses = tuple(a for a in (v4, v6) if a is not None)
+    labels = _unique(fold(n) for n in (sandbox, *json.loads(aliases)))
+    if domain is not None:
+        labels = (*labels, *(f"{label}.{domain}" for label in labels))
+    target = sandbox.rstrip(".")
+    if domain is not None:
+        target = f"{target}.{domain}"
+    return _EndpointNames(
+        network_id=network_id,
+        sandbox=sandbox,
+        addresses=addresses,
+        texts=tuple(str(a) for a in addresses),
+        v4=v4,
+        v6=v6,
+        labels=tuple(label for label in labels if valid_name(label)),  # others cannot be asked
+        target=target if valid_name(fold(target)) else None,
+    )
+
+
+@dataclass
+class _Tables:
+    """The builder's own copy of a table set, changed in place between builds (every
+    `Records` handed out gets copies: dict copies reuse the keys' hashes, and hashing
+    addresses is what rebuilding mostly cost)."""
+
+    names: dict[str, dict[str, _Addresses]] = field(default_factory=dict)
+    pointers: dict[IPAddress, Sequence[tuple[str, str]]] = field(default_factory=dict)
+    clients: dict[IPAddress, Scope] = field(default_factory=dict)
+    client_text: dict[str, Scope] = field(default_factory=dict)
+    # how many endpoints have each sandbox, (network, name) and address: a change is
+    # applied in place only when every one it touches is its endpoint's alone
+    sandboxes: dict[str, int] = field(default_factory=dict)
+    labels: dict[tuple[str, str], int] = field(default_factory=dict)
+    addresses: dict[IPAddress, int] = field(default_factory=dict)
+
+
+class RecordsBuilder:
+    """`build_records` with a memory, for a caller that rebuilds after every change
+    (netstackd after each connect and disconnect).
+
+    Each endpoint's part (its folded names, parsed addresses) is worked out once. A build
+    whose only differences from the last one are endpoints added or removed whose sandbox,
+    names and addresses are theirs alone (a container's first attachment, or its last one
+    going) changes the tables in place: its cost does not grow with the endpoints already
+    there. Anything else (networks changed, a shared name or address, a sandbox on several
+    networks) rebuilds the tables from scratch. Either way the result is the table
+    `build_records` gives. Not thread-safe: one caller at a time.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[EndpointRow, _EndpointNames] = {}
+        self._networks: tuple[object, ...] | None = None
+        self._tables = _Tables()
+
+    def build(
+        self, networks: Sequence[Network], endpoints: Sequence[Endpoint], *, generation: int = 0
+    ) -> Records:
+        """The same table `build_records` gives for these networks and endpoints."""
+        return self.build_rows(networks, [endpoint_row(e) for e in endpoints], generation)
+
+    def build_rows(
+        self, networks: Sequence[Network], rows: Sequence[EndpointRow], generation: int = 0
+    ) -> Records:
+        """From the store's rows (`Store.endpoint_name_rows`, connection order)."""
+        domains = {network.id: network_domain(network) for network in networks}
+        shape = tuple((n.id, domains[n.id], *(p.subnet for p in n.pools)) for n in networks)
+        wanted = set(rows)
+        if shape != self._networks:  # an endpoint's names depend on its network's domain
+            self._entries.clear()
+            self._rebuild(networks, domains, rows)
+            self._networks = shape
+        elif len(wanted) != len(rows) or not self._apply(wanted, domains):
+            self._rebuild(networks, domains, rows)
+        tables = self._tables
+        return Records(
+            generation=generation,
+            network_order=tuple(domains),
+            names={network_id: table.copy() for network_id, table in tables.names.items()},
+            pointers=tables.pointers.copy(),
+            subnets=_unique(pool.subnet for network in networks for pool in network.pools),
+            domains={n: d for n, d in domains.items() if d is not None},
+            clients=tables.clients.copy(),
+            _client_text=tables.client_text.copy(),
+        )
+
+    def _entry(self, row: EndpointRow, domains: dict[str, str | None]) -> _EndpointNames:
+        entry = self._entries.get(row)
+        if entry is None:
+            entry = self._entries[row] = _endpoint_names(row, domains.get(row[1]))
+        return entry
+
+    def _apply(self, wanted: set[EndpointRow], domains: dict[str, str | None]) -> bool:
+        """Bring the tables to `wanted` in place; False when that needs a full rebuild (the
+        tables may then be half-changed: the caller rebuilds them)."""
+        gone = [self._entries.pop(row) for row in self._entries.keys() - wanted]
+        new = [self._entry(row, domains) for row in wanted - self._entries.keys()]
+        for entry in gone:
+            if not self._alone(entry, domains, present=True):
+                return False
+            self._remove(entry, domains)
+        for entry in new:
+            if not self._alone(entry, domains, present=False):
+                return False
+            self._add(entry, domains)
+        return True
+
+    def _alone(self, entry: _EndpointNames, domains: dict[str, str | None], present: bool) -> bool:
+        """Whether the entry's sandbox, names and addresses are its own (present: counted
+        once, the entry's own count; else: not counted at all)."""
+        tables, most = self._tables, 1 if present else 0
+        if tables.sandboxes.get(entry.sandbox, 0) != most:
+            return False
+        if any(tables.addresses.get(a, 0) != most for a in entry.addresses):
+            return False
+        return entry.network_id not in domains or all(
+            tables.labels.get((entry.network_id, label), 0) == most for label in entry.labels
+        )
+
+    def _add(self, entry: _EndpointNames, domains: dict[str, str | None]) -> None:
+        tables, scope = self._tables, (entry.network_id,)
+        tables.sandboxes[entry.sandbox] = 1
+        for address, text in zip(entry.addresses, entry.texts, strict=True):
+            tables.addresses[address] = 1
+            tables.clients[address] = scope
+            tables.client_text[text] = scope
+        if entry.network_id not in domains:
+            return
+        names = tables.names[entry.network_id]
+        found = _Addresses(
+            () if entry.v4 is None else (entry.v4,), () if entry.v6 is None else (entry.v6,)
+        )
+        for label in entry.labels:
+            tables.labels[entry.network_id, label] = 1
+            names[label] = found
+        if entry.target is not None:
+            for address in entry.addresses:
+                tables.pointers[address] = ((entry.network_id, entry.target),)
+
+    def _remove(self, entry: _EndpointNames, domains: dict[str, str | None]) -> None:
+        tables = self._tables
+        del tables.sandboxes[entry.sandbox]
+        for address, text in zip(entry.addresses, entry.texts, strict=True):
+            del tables.addresses[address]
+            del tables.clients[address]
+            del tables.client_text[text]
+            tables.pointers.pop(address, None)
+        if entry.network_id not in domains:
+            return
+        names = tables.names[entry.network_id]
+        for label in entry.labels:
+            del tables.labels[entry.network_id, label]
+            del names[label]
+
+    def _rebuild(
+        self,
+        networks: Sequence[Network],
+        domains: dict[str, str | None],
+        rows: Sequence[EndpointRow],
+    ) -> None:
+        entries = [self._entry(row, domains) for row in rows]
+        self._entries = dict(zip(rows, entries, strict=True))  # only the current ones
+        self._tables = _assemble(networks, entries)
+
+
 def build_records(
     networks: Sequence[Network], endpoints: Sequence[Endpoint], *, generation: int = 0
 ) -> Records:
@@ -306,71 +504,61 @@ def build_records(
     publish no names (the store keeps both consistent; this only matters mid-change).
     Names that do not fit the wire format (a label over 63 bytes) are left out.
     """
+    return RecordsBuilder().build(networks, endpoints, generation=generation)
+
+
+def _assemble(networks: Sequence[Network], entries: list[_EndpointNames]) -> _Tables:
     order = [network.id for network in networks]
     index = {network_id: i for i, network_id in enumerate(order)}
-    domains = {network.id: network_domain(network) for network in networks}
+    tables = _Tables()
 
-    # Which networks each sandbox is on, and which sandboxes own each address.
+    def scope_of(network_ids: Iterable[str]) -> Scope:
+        return tuple(sorted(set(network_ids), key=lambda n: (index.get(n, len(index)), n)))
+
+    # Which networks each sandbox is on; a client's scope is every network of every sandbox
+    # owning its address (nearly always one).
     sandbox_networks: dict[str, set[str]] = {}
-    owners: dict[IPAddress, set[str]] = {}
-    for endpoint in endpoints:
-        sandbox_networks.setdefault(endpoint.sandbox, set()).add(endpoint.network_id)
-        for interface in endpoint.interfaces():
-            owners.setdefault(interface.ip, set()).add(endpoint.sandbox)
-
-    def scope_of(network_ids: set[str]) -> Scope:
-        return tuple(sorted(network_ids, key=lambda n: (index.get(n, len(index)), n)))
-
-    clients: dict[IPAddress, Scope] = {}
-    for address, sandboxes in owners.items():
-        member_of: set[str] = set()
-        for sandbox in sandboxes:
-            member_of |= sandbox_networks[sandbox]
-        clients[address] = scope_of(member_of)
+    for entry in entries:
+        sandbox_networks.setdefault(entry.sandbox, set()).add(entry.network_id)
+        tables.sandboxes[entry.sandbox] = tables.sandboxes.get(entry.sandbox, 0) + 1
+    scopes = {sandbox: scope_of(ids) for sandbox, ids in sandbox_networks.items()}
+    for entry in entries:
+        mine = scopes[entry.sandbox]
+        for address, text in zip(entry.addresses, entry.texts, strict=True):
+            tables.addresses[address] = tables.addresses.get(address, 0) + 1
+            scope = tables.clients.setdefault(address, mine)
+            if scope is not mine and scope != mine:  # one address, several sandboxes
+                scope = tables.clients[address] = scope_of((*scope, *mine))
+            tables.client_text[text] = scope
 
     # Names per network, pointers per address.
     v4_names: dict[str, dict[str, list[ipaddress.IPv4Address]]] = {n: {} for n in order}
     v6_names: dict[str, dict[str, list[ipaddress.IPv6Address]]] = {n: {} for n in order}
     pointers: dict[IPAddress, list[tuple[str, str]]] = {}
-    for endpoint in endpoints:
-        if endpoint.network_id not in index:
+    for entry in entries:
+        if entry.network_id not in index:
             continue
-        domain = domains[endpoint.network_id]
-        labels = _unique(fold(n) for n in (endpoint.sandbox, *endpoint.aliases))
-        if domain is not None:
-            labels = (*labels, *(f"{label}.{domain}" for label in labels))
-        labels = tuple(label for label in labels if valid_name(label))  # others cannot be asked
-        table4 = v4_names[endpoint.network_id]
-        table6 = v6_names[endpoint.network_id]
-        for label in labels:
+        table4 = v4_names[entry.network_id]
+        table6 = v6_names[entry.network_id]
+        for label in entry.labels:
+            key = (entry.network_id, label)
+            tables.labels[key] = tables.labels.get(key, 0) + 1
             v4_list = table4.setdefault(label, [])
             v6_list = table6.setdefault(label, [])
-            if endpoint.ipv4 is not None:
-                v4_list.append(endpoint.ipv4.ip)
-            if endpoint.ipv6 is not None:
-                v6_list.append(endpoint.ipv6.ip)
-        target = endpoint.sandbox.rstrip(".")
-        if domain is not None:
-            target = f"{target}.{domain}"
-        if not valid_name(fold(target)):
-            continue
-        for interface in endpoint.interfaces():
-            pointers.setdefault(interface.ip, []).append((endpoint.network_id, target))
+            if entry.v4 is not None:
+                v4_list.append(entry.v4)
+            if entry.v6 is not None:
+                v6_list.append(entry.v6)
+        if entry.target is not None:
+            for address in entry.addresses:
+                pointers.setdefault(address, []).append((entry.network_id, entry.target))
 
-    names = {
+    tables.names = {
         network_id: {
             label: _Addresses(_unique(v4_names[network_id][label]), _unique(v6_list))
             for label, v6_list in v6_names[network_id].items()
         }
         for network_id in order
     }
-    subnets = _unique(pool.subnet for network in networks for pool in network.pools)
-    return Records(
-        generation=generation,
-        network_order=tuple(order),
-        names=names,
-        pointers={address: tuple(targets) for address, targets in pointers.items()},
-        subnets=subnets,
-        domains={n: d for n, d in domains.items() if d is not None},
-        clients=clients,
-    )
+    tables.pointers = {address: tuple(targets) for address, targets in pointers.items()}
+    return tables

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+EndpointRow = tuple[str, str, str, str | None, str | None, str]
+"""An endpoint as its DNS names need it, as the store holds it: (id, network id, sandbox,
+IPv4 interface text, IPv6 interface text, aliases as a JSON list)."""
 
 
 @dataclass(frozen=True)

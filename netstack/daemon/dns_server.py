@@ -28,14 +28,14 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from netstack.daemon import mmsg
 from netstack.daemon.forwarder import Forwarder, HostServers, UpstreamPolicy
-from netstack.dns import Forward, Records, ReplyCache, build_records
-from netstack.model import Endpoint, IPAddress, Network
+from netstack.dns import Forward, Records, RecordsBuilder, ReplyCache, build_records
+from netstack.model import EndpointRow, IPAddress, Network
 from netstack.network_options import dns_servers
 
 log = logging.getLogger(__name__)
@@ -318,14 +318,20 @@ class DnsServer:
 
 
 def dns_config(
-    networks: list[Network], endpoints: list[Endpoint], generation: int
+    networks: list[Network],
+    endpoints: Sequence[EndpointRow],
+    generation: int,
+    builder: RecordsBuilder | None = None,
 ) -> tuple[Records, UpstreamPolicy, list[IPAddress]]:
-    """From the store's state: the records, the upstream policy and the addresses to serve.
+    """From the store's state (its networks and `Store.endpoint_name_rows`): the records,
+    the upstream policy and the addresses to serve.
 
     Addresses: the gateways of bridge networks, which live on the bridge in the host
-    namespace, where netstackd runs.
+    namespace, where netstackd runs. `builder` (one per daemon) carries what it worked out
+    from one call to the next.
     """
-    records = build_records(networks, endpoints, generation=generation)
+    builder = builder or RecordsBuilder()
+    records = builder.build_rows(networks, endpoints, generation)
     policy = UpstreamPolicy(
         network_servers={n.id: dns_servers(n.options) for n in networks if dns_servers(n.options)},
         internal=frozenset(n.id for n in networks if n.internal),

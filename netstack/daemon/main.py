@@ -29,7 +29,7 @@ from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers, UpstreamPolicy
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, RelayTarget, relay_targets
-from netstack.dns import Records
+from netstack.dns import Records, RecordsBuilder
 from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
 from netstack.drivers.bridge import BridgeDriver
 from netstack.drivers.bridge.spares import VethSpares
@@ -99,6 +99,7 @@ class Daemon:
         self.dns = DnsServer(HostServers(host_resolv_conf()))
         self.relay = LoopbackRelay()
         self.generation = 0
+        self._records = RecordsBuilder()  # used by one reload at a time (_reload_lock)
         self._seen_version: int | None = None
         self.api = Api()
         self.api.register("status", self.status)
@@ -193,17 +194,18 @@ class Daemon:
         store = self._controller().store
         with store.snapshot():
             networks = store.networks()
-            endpoints = store.endpoints()
+            rows = store.endpoint_name_rows()  # all the records need, and cheap to read
+            publishing = store.endpoints(publishing=True)
         return StoreState(
             bridges=[
                 BridgeDriver.options_of(network).bridge_name
                 for network in networks
                 if network.driver == BridgeDriver.name
             ],
-            dns=dns_config(networks, endpoints, generation),
-            relay=relay_targets(endpoints),
+            dns=dns_config(networks, rows, generation, self._records),
+            relay=relay_targets(publishing),
             networks=len(networks),
-            endpoints=len(endpoints),
+            endpoints=len(rows),
         )
 
     def reload_soon(self, delay: float = 0.0) -> None:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import random
 from ipaddress import ip_address, ip_interface
 
 import pytest
 from dns_builders import endpoint, network
+from netstack.dns import records as records_module
 from netstack.dns.records import (
     NODATA,
     Answer,
     NotOurs,
     NxDomain,
     Records,
+    RecordsBuilder,
     Refused,
     build_records,
     fold,
     parse_reverse_name,
     reverse_name,
 )
+
+from netstack.model import Endpoint, EndpointRow
 
 # Two networks:
 #   front (10.1.0.0/24, fd00:1::/64, dns.domain=corp.test): web1, web2 (alias "web"), app
@@ -350,3 +355,127 @@ def test_invalid_domain_is_ignored() -> None:
     table = build_records([odd], [endpoint("o", "net-odd", "web", "10.4.0.2/24")])
     assert table.domains == {}
     assert addresses(table.lookup("10.4.0.2", "web", "A")) == ["10.4.0.2"]
+
+
+def _tables(table: Records) -> tuple[object, ...]:
+    return (
+        table.generation,
+        table.network_order,
+        table.names,
+        {address: tuple(targets) for address, targets in table.pointers.items()},
+        table.subnets,
+        table.domains,
+        table.clients,
+        table._client_text,
+        table.scope("::ffff:10.2.0.4"),
+    )
+
+
+def test_builder_follows_every_change_like_a_fresh_build() -> None:
+    """The builder remembers endpoints between builds; each build must still equal a build
+    from scratch, through adds, removals, renames, new aliases, moved addresses and a domain
+    change (the remembered part of an endpoint depends on its network's domain)."""
+    renamed = endpoint("e2", "net-front", "web-two", "10.1.0.3/24", "fd00:1::3/64")
+    aliased = endpoint("e3", "net-back", "db", "10.2.0.2/24", aliases=("database", "pg"))
+    moved = endpoint("e6", "net-lonely", "solo", "10.3.0.9/24")
+    shared = endpoint("e7", "net-back", "twin", "10.1.0.2/24")  # web1's address, elsewhere
+    plain_front = network("net-front", "front", "10.1.0.0/24", "fd00:1::/64")
+    states = [
+        (NETWORKS, ENDPOINTS),
+        (NETWORKS, ENDPOINTS[:4]),
+        (NETWORKS, ENDPOINTS),
+        (NETWORKS, [ENDPOINTS[0], renamed, aliased, *ENDPOINTS[3:5], moved]),
+        (NETWORKS, [*ENDPOINTS, shared]),
+        ([plain_front, *NETWORKS[1:]], ENDPOINTS),
+        (NETWORKS, ENDPOINTS),
+        ([], []),
+        (NETWORKS, list(reversed(ENDPOINTS))),
+    ]
+    builder = RecordsBuilder()
+    for generation, (networks, endpoints) in enumerate(states):
+        built = builder.build(networks, endpoints, generation=generation)
+        fresh = build_records(networks, endpoints, generation=generation)
+        assert _tables(built) == _tables(fresh), generation
+
+
+def test_builder_works_out_only_the_endpoints_that_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worked_out: list[str] = []
+    original = records_module._endpoint_names
+
+    def counting(row: EndpointRow, domain: str | None) -> object:
+        worked_out.append(row[2])
+        return original(row, domain)
+
+    monkeypatch.setattr(records_module, "_endpoint_names", counting)
+    builder = RecordsBuilder()
+    builder.build(NETWORKS, ENDPOINTS)
+    assert len(worked_out) == len(ENDPOINTS)
+    worked_out.clear()
+    newcomer = endpoint("e8", "net-back", "cache", "10.2.0.8/24")
+    table = builder.build(NETWORKS, [*ENDPOINTS, newcomer])
+    assert worked_out == ["cache"]
+    assert addresses(table.lookup(DB, "cache", "A")) == ["10.2.0.8"]
+    worked_out.clear()
+    builder.build(NETWORKS, ENDPOINTS)  # the newcomer leaves: nothing to work out
+    assert worked_out == []
+    builder.build(NETWORKS, [*ENDPOINTS, newcomer])  # and is forgotten once gone
+    assert worked_out == ["cache"]
+
+
+def test_builder_changes_tables_in_place_for_a_lone_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A container's first attachment, and its last one going, cost no rebuild; a change
+    touching a shared name or a sandbox already there does."""
+    rebuilds: list[int] = []
+    original = records_module._assemble
+
+    def counting(*args: object) -> object:
+        rebuilds.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(records_module, "_assemble", counting)
+    builder = RecordsBuilder()
+    builder.build(NETWORKS, ENDPOINTS)
+    assert len(rebuilds) == 1
+    lone = endpoint("e8", "net-back", "cache", "10.2.0.8/24")
+    builder.build(NETWORKS, [*ENDPOINTS, lone])
+    builder.build(NETWORKS, ENDPOINTS)
+    assert len(rebuilds) == 1
+    web3 = endpoint("e9", "net-front", "web3", "10.1.0.9/24", aliases=("web",))
+    table = builder.build(NETWORKS, [*ENDPOINTS, web3])  # "web" is shared: rebuilt
+    assert len(rebuilds) == 2
+    assert addresses(table.lookup(WEB1, "web", "A", rotation=0)) == [WEB1, WEB2, "10.1.0.9"]
+
+
+def test_builder_matches_fresh_builds_through_random_changes() -> None:
+    """Random attachments coming and going, with shared names, shared addresses, sandboxes
+    on several networks and endpoints of unknown networks."""
+    rng = random.Random(4)
+    sandboxes = ["a", "b", "c", "d", "web", "WEB"]
+    pool = [
+        endpoint(
+            f"x{i}",
+            rng.choice(["net-front", "net-back", "net-lonely", "net-gone"]),
+            rng.choice(sandboxes),
+            f"10.{rng.randint(1, 3)}.0.{rng.randint(2, 12)}/24",
+            rng.choice([None, f"fd00:1::{rng.randint(2, 12):x}/64"]),
+            aliases=tuple(rng.sample(["web", "api", "db"], rng.randint(0, 2))),
+        )
+        for i in range(40)
+    ]
+    builder = RecordsBuilder()
+    present: list[Endpoint] = []
+    for step in range(300):
+        if present and rng.random() < 0.45:
+            present.remove(rng.choice(present))
+        else:
+            choice = rng.choice(pool)
+            if choice not in present:
+                present.append(choice)
+        networks = NETWORKS if step % 50 else NETWORKS[::-1]
+        built = builder.build(networks, present, generation=step)
+        fresh = build_records(networks, present, generation=step)
+        assert _tables(built) == _tables(fresh), step

@@ -73,6 +73,10 @@ def test_keep_alive_calls_and_change_notifications(tmp_path: Path) -> None:
         writer.write(request("/IpamDriver.RequestPool", b'{"Pool": "10.4.0.0/25"}'))
         status, _, body = await read_response(reader)
         assert status == 409 and "overlaps" in json.loads(body)["Error"]
+        # one more call on the connection: the notification of the last one is sent once
+        # its reply is, so only a later reply proves it was made (no race with the close)
+        writer.write(request("/NetworkDriver.GetCapabilities", b"null"))
+        assert (await read_response(reader))[0] == 200
         writer.close()
 
     assert serve(tmp_path, scenario) == ["changed", "changed"]  # the failed one re-reads too
