@@ -29,6 +29,7 @@ from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers, UpstreamPolicy
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, RelayTarget, relay_targets
+from netstack.daemon.reloads import ReloadScheduler
 from netstack.dns import Records, RecordsBuilder
 from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
 from netstack.drivers.bridge import BridgeDriver
@@ -44,11 +45,13 @@ from netstack.store import Store, state_dir
 log = logging.getLogger("netstackd")
 
 WATCH_INTERVAL = 0.02
-PLUGIN_RELOAD_DELAY = 0.03
+PLUGIN_RELOAD_QUIET = 0.03
 """Docker's calls come in bursts (RequestAddress, CreateEndpoint, Join a few ms apart) with
 dockerd waiting on each: one reload after the burst, rather than one per call competing for
 the CPU (and the GIL) with the burst's own work, e.g. the veth a worker thread is making for
-the Join. Well within the 100 ms in which records follow a change."""
+the Join."""
+CNI_RELOAD_QUIET = 0.01  # a runtime's next exec follows the last reply within a few ms
+RELOAD_MAX_WAIT = 0.08  # records follow a change within 100 ms, even under a stream of calls
 COEXIST_INTERVAL = 1.0  # how soon a dockerd started later stops dropping netstack traffic
 
 
@@ -109,8 +112,7 @@ class Daemon:
         self.reaper = LinkReaper()  # veths are deleted after the reply, not before
         self.spares = VethSpares()  # veths made ahead for Docker's Joins
         self.plugin = PluginServer(self._controller, self._plugin_changed)
-        self._reload_wanted = False
-        self._reloader: asyncio.Task[None] | None = None
+        self.reloads = ReloadScheduler(self.reload, self._calls_in_flight, RELOAD_MAX_WAIT)
         self._reload_lock = asyncio.Lock()
         self._ops_in_flight = 0  # CNI calls being served: each reloads once it is answered
         self.bridges: list[str] = []
@@ -153,7 +155,7 @@ class Daemon:
         finally:
             self._ops_in_flight -= 1
         if code == 0:
-            self.reload_soon()  # records and relay follow right after the reply
+            self.reloads.changed(CNI_RELOAD_QUIET)  # records and relay follow, after the burst
         return {"code": code, "stdout": stdout}
 
     def _controller(self) -> Controller:
@@ -208,29 +210,11 @@ class Daemon:
             endpoints=len(rows),
         )
 
-    def reload_soon(self, delay: float = 0.0) -> None:
-        """Reload in the background after `delay` seconds, once for a burst of changes (a
-        Docker plugin call answers first; its next call on the same connection must not
-        wait for this)."""
-        self._reload_wanted = True
-        if not self._reload_pending():
-            self._reloader = asyncio.get_running_loop().create_task(self._reload_wanted_ones(delay))
-
     def _plugin_changed(self) -> None:
-        self.reload_soon(PLUGIN_RELOAD_DELAY)
+        self.reloads.changed(PLUGIN_RELOAD_QUIET)
 
-    def _reload_pending(self) -> bool:
-        return self._reloader is not None and not self._reloader.done()
-
-    async def _reload_wanted_ones(self, delay: float) -> None:
-        if delay > 0:
-            await asyncio.sleep(delay)
-        while self._reload_wanted:
-            self._reload_wanted = False
-            try:
-                await self.reload()
-            except Exception:  # the watch loop retries; never lose the task silently
-                log.exception("reload failed")
+    def _calls_in_flight(self) -> bool:
+        return bool(self._ops_in_flight or self.plugin.calls_in_flight)
 
     async def watch(self) -> None:
         """Follow the store: netctl and other writers commit there, the daemon reloads.
@@ -247,9 +231,8 @@ class Daemon:
                 # at the 300th container waited ~20 ms for such a reload).
                 if (
                     self.store.data_version() != self._seen_version
-                    and not self._reload_pending()
-                    and not self._ops_in_flight
-                    and not self.plugin.calls_in_flight
+                    and not self.reloads.pending()
+                    and not self._calls_in_flight()
                 ):
                     await self.reload()
             except Exception:  # a bad row or a locked database must not stop the watch

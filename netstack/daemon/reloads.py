@@ -1,0 +1,66 @@
+"""When netstackd re-reads the store: once per burst of changes, in a quiet moment.
+
+A reload is CPU work in netstackd's own process (it competes for the GIL and the CPU with
+the calls being served). Runtimes make calls back to back: kubelet starting pods, the
+benchmarks' ADD after ADD, Docker's RequestAddress, CreateEndpoint and Join a few ms
+apart. A reload started right after each reply ran during the next call and delayed it.
+So a change asks for a reload `quiet` seconds after the last change, with no call in
+flight; under a steady stream of calls, `max_wait` after the first change at the latest
+(records must follow a connect within 100 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+POLL = 0.002  # how often a busy daemon is checked again for a quiet moment
+
+
+class ReloadScheduler:
+    """Runs `reload` once for a burst of `changed()` calls (on the event loop)."""
+
+    def __init__(
+        self,
+        reload: Callable[[], Awaitable[None]],
+        busy: Callable[[], bool],
+        max_wait: float,
+    ) -> None:
+        self._reload = reload
+        self._busy = busy
+        self.max_wait = max_wait
+        self._wanted = False
+        self._quiet = 0.0
+        self._last_change = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self, quiet: float) -> None:
+        """The store changed: reload after `quiet` seconds without changes or calls."""
+        loop = asyncio.get_running_loop()
+        self._wanted = True
+        self._last_change = loop.time()
+        self._quiet = quiet if not self.pending() else max(self._quiet, quiet)
+        if not self.pending():
+            self._task = loop.create_task(self._run())
+
+    def pending(self) -> bool:
+        """Whether a reload is waiting or running."""
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._wanted:
+            deadline = loop.time() + self.max_wait
+            while (now := loop.time()) < deadline:
+                wait = self._last_change + self._quiet - now
+                if wait <= 0 and not self._busy():
+                    break
+                await asyncio.sleep(min(max(wait, POLL), deadline - now))
+            self._wanted = False
+            try:
+                await self._reload()
+            except Exception:  # the store watcher retries; never lose the task silently
+                log.exception("reload failed")

@@ -1,0 +1,105 @@
+"""netstackd's reload scheduling: one reload per burst, in a quiet moment, bounded wait."""
+
+from __future__ import annotations
+
+import asyncio
+
+from netstack.daemon.reloads import ReloadScheduler
+
+
+def run(scenario: object) -> None:
+    asyncio.run(scenario())  # type: ignore[operator]
+
+
+def test_a_burst_of_changes_reloads_once_after_it() -> None:
+    reloads: list[float] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def reload() -> None:
+            reloads.append(loop.time())
+
+        scheduler = ReloadScheduler(reload, lambda: False, max_wait=10.0)
+        for _ in range(5):  # calls 10 ms apart, each one a change
+            scheduler.changed(0.05)
+            await asyncio.sleep(0.01)
+        last_change = loop.time() - 0.01
+        assert reloads == []  # never in the middle of the burst
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert len(reloads) == 1
+        assert reloads[0] >= last_change + 0.05
+
+    run(scenario)
+
+
+def test_no_reload_while_a_call_is_in_flight_until_the_wait_runs_out() -> None:
+    reloads: list[float] = []
+    busy = [True]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def reload() -> None:
+            reloads.append(loop.time())
+
+        scheduler = ReloadScheduler(reload, lambda: busy[0], max_wait=0.3)
+        start = loop.time()
+        scheduler.changed(0.0)
+        await asyncio.sleep(0.1)
+        assert reloads == []  # a call is being served
+        busy[0] = False
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert len(reloads) == 1 and reloads[0] < start + 0.3
+
+        busy[0] = True  # a stream of calls that never pauses: the wait is bounded
+        start = loop.time()
+        scheduler.changed(0.0)
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert len(reloads) == 2 and reloads[1] >= start + 0.3
+
+    run(scenario)
+
+
+def test_a_change_during_a_reload_gets_a_reload_of_its_own() -> None:
+    reloads: list[int] = []
+
+    async def scenario() -> None:
+        scheduler: ReloadScheduler
+
+        async def reload() -> None:
+            reloads.append(1)
+            if len(reloads) == 1:
+                scheduler.changed(0.0)  # a commit the running reload may have missed
+            await asyncio.sleep(0.01)
+
+        scheduler = ReloadScheduler(reload, lambda: False, max_wait=1.0)
+        scheduler.changed(0.0)
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert len(reloads) == 2
+
+    run(scenario)
+
+
+def test_a_failed_reload_does_not_stop_later_ones() -> None:
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        async def reload() -> None:
+            calls.append(1)
+            raise RuntimeError("store locked")
+
+        scheduler = ReloadScheduler(reload, lambda: False, max_wait=1.0)
+        scheduler.changed(0.0)
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        scheduler.changed(0.0)
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert len(calls) == 2
+
+    run(scenario)
