@@ -361,17 +361,20 @@ class Store:
             "ORDER BY created, rowid"
         ).fetchall()
 
+    def relay_rows(self) -> list[tuple[str, str, int, int, str | None, str | None]]:
+        """Every published port with its endpoint's addresses, in publishing order: raw
+        rows (protocol, host IP, host port, container port, IPv4 and IPv6 interface) for
+        netstackd's loopback relay (`relay.RelayPlanner`)."""
+        return self.conn.execute(
+            "SELECT p.protocol, p.host_ip, p.host_port, p.container_port, e.ipv4, e.ipv6 "
+            "FROM port_bindings p JOIN endpoints e ON e.id = p.endpoint_id ORDER BY p.rowid"
+        ).fetchall()
+
     def endpoints(
-        self,
-        network_id: str | None = None,
-        sandbox: str | None = None,
-        publishing: bool = False,
+        self, network_id: str | None = None, sandbox: str | None = None
     ) -> list[Endpoint]:
-        """Endpoints, optionally of one network and/or one sandbox and/or only those with
-        published ports, in connection order."""
+        """Endpoints, optionally of one network and/or one sandbox, in connection order."""
         clauses, args = [], []
-        if publishing:
-            clauses.append("id IN (SELECT endpoint_id FROM port_bindings)")
         if network_id is not None:
             clauses.append("network_id=?")
             args.append(network_id)

@@ -28,7 +28,7 @@ from netstack.daemon.api import MAX_REQUEST, Api
 from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers, UpstreamPolicy
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
-from netstack.daemon.relay import LoopbackRelay, RelayTarget, relay_targets
+from netstack.daemon.relay import LoopbackRelay, RelayPlanner, RelayTarget
 from netstack.daemon.reloads import ReloadScheduler
 from netstack.dns import Records, RecordsBuilder
 from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
@@ -102,7 +102,8 @@ class Daemon:
         self.dns = DnsServer(HostServers(host_resolv_conf()))
         self.relay = LoopbackRelay()
         self.generation = 0
-        self._records = RecordsBuilder()  # used by one reload at a time (_reload_lock)
+        self._records = RecordsBuilder()  # these two: used by one reload at a time
+        self._relay_plan = RelayPlanner()
         self._seen_version: int | None = None
         self.api = Api()
         self.api.register("status", self.status)
@@ -197,7 +198,7 @@ class Daemon:
         with store.snapshot():
             networks = store.networks()
             rows = store.endpoint_name_rows()  # all the records need, and cheap to read
-            publishing = store.endpoints(publishing=True)
+            published = store.relay_rows()
         return StoreState(
             bridges=[
                 BridgeDriver.options_of(network).bridge_name
@@ -205,7 +206,7 @@ class Daemon:
                 if network.driver == BridgeDriver.name
             ],
             dns=dns_config(networks, rows, generation, self._records),
-            relay=relay_targets(publishing),
+            relay=self._relay_plan.targets(published),
             networks=len(networks),
             endpoints=len(rows),
         )

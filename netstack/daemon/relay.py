@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from netstack.model import Endpoint
+from netstack.model import Endpoint, IPInterface, PortBinding
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,18 @@ def _answers_on_ipv6_loopback(host_ip: str) -> bool:
     return address.version == 6 and (address.is_unspecified or address.is_loopback)
 
 
+def _target(binding: PortBinding, address: IPInterface | None) -> RelayTarget | None:
+    """The listener one binding of an endpoint with this address needs, if any."""
+    if (
+        address is None
+        or binding.protocol not in PROTOCOLS
+        or 6 not in binding.families
+        or not _answers_on_ipv6_loopback(binding.host_ip)
+    ):
+        return None
+    return RelayTarget(binding.protocol, binding.host_port, str(address.ip), binding.container_port)
+
+
 def relay_targets(endpoints: Iterable[Endpoint]) -> list[RelayTarget]:
     """The relay's listeners for these endpoints' published ports, sorted (pure, no I/O).
 
@@ -91,20 +103,43 @@ def relay_targets(endpoints: Iterable[Endpoint]) -> list[RelayTarget]:
     targets: set[RelayTarget] = set()
     for endpoint in endpoints:
         address = endpoint.ipv6 if endpoint.ipv6 is not None else endpoint.ipv4
-        if address is None:
-            continue
         for binding in endpoint.ports:
-            if (
-                binding.protocol in PROTOCOLS
-                and 6 in binding.families
-                and _answers_on_ipv6_loopback(binding.host_ip)
-            ):
-                targets.add(
-                    RelayTarget(
-                        binding.protocol, binding.host_port, str(address.ip), binding.container_port
-                    )
-                )
+            target = _target(binding, address)
+            if target is not None:
+                targets.add(target)
     return sorted(targets)
+
+
+RelayRow = tuple[str, str, int, int, str | None, str | None]
+"""A published port as `Store.relay_rows` gives it: protocol, host IP, host port, container
+port, and its endpoint's IPv4 and IPv6 interface."""
+
+
+class RelayPlanner:
+    """`relay_targets` from the store's rows, for netstackd's reload after every change:
+    each row's target is worked out once and is the same object on every later call, so
+    `LoopbackRelay.sync` finds the unchanged ones by identity (at 300 published ports,
+    building and comparing them afresh cost several ms per reload). Row order, no
+    duplicates. One caller at a time."""
+
+    def __init__(self) -> None:
+        self._known: dict[RelayRow, RelayTarget | None] = {}
+
+    def targets(self, rows: Iterable[RelayRow]) -> list[RelayTarget]:
+        known, self._known = self._known, {}
+        found: dict[RelayTarget, None] = {}
+        for row in rows:
+            if row in known:
+                target = known[row]
+            else:
+                protocol, host_ip, host_port, container_port, ipv4, ipv6 = row
+                text = ipv6 if ipv6 is not None else ipv4
+                address = None if text is None else ipaddress.ip_interface(text)
+                target = _target(PortBinding(protocol, host_ip, host_port, container_port), address)
+            self._known[row] = target
+            if target is not None:
+                found[target] = None
+        return list(found)
 
 
 class FlowTable(Generic[K, V]):
@@ -479,7 +514,8 @@ class LoopbackRelay:
                 else:
                     wanted[key] = target
             for key, listener in list(self._listeners.items()):
-                if wanted.get(key) != listener.target:
+                kept = wanted.get(key)  # the same object when unchanged (RelayPlanner)
+                if kept is not listener.target and kept != listener.target:
                     del self._listeners[key]
                     await listener.close()
                     log.info("loopback relay: stopped %s", listener.target)

@@ -6,7 +6,7 @@ from ipaddress import IPv4Interface, IPv6Interface
 
 import pytest
 
-from netstack.daemon.relay import RelayTarget, relay_targets
+from netstack.daemon.relay import RelayPlanner, RelayRow, RelayTarget, relay_targets
 from netstack.model import Endpoint, PortBinding
 
 V4 = IPv4Interface("10.20.0.2/24")
@@ -92,3 +92,48 @@ def test_no_endpoints() -> None:
 def test_target_text() -> None:
     assert str(RelayTarget("tcp", 8080, "fd00:1::2", 80)) == "[::1]:8080/tcp -> [fd00:1::2]:80"
     assert str(RelayTarget("udp", 53, "10.0.0.2", 5353)) == "[::1]:53/udp -> 10.0.0.2:5353"
+
+
+def rows_of(*endpoints: Endpoint) -> list[RelayRow]:
+    """What Store.relay_rows gives for these endpoints."""
+    return [
+        (
+            b.protocol,
+            b.host_ip,
+            b.host_port,
+            b.container_port,
+            None if e.ipv4 is None else str(e.ipv4),
+            None if e.ipv6 is None else str(e.ipv6),
+        )
+        for e in endpoints
+        for b in e.ports
+    ]
+
+
+def test_planner_gives_what_relay_targets_gives() -> None:
+    web = endpoint(
+        PortBinding("tcp", "", 8080, 80),
+        PortBinding("udp", "::1", 5353, 53),
+        PortBinding("tcp", "0.0.0.0", 8081, 81),  # IPv4 only: not relayed
+        PortBinding("sctp", "", 9000, 9000),
+    )
+    v4_only = endpoint(PortBinding("tcp", "::", 8443, 443), ipv6=None, sandbox="v4")
+    bare = endpoint(PortBinding("tcp", "", 7000, 70), ipv4=None, ipv6=None, sandbox="bare")
+    planner = RelayPlanner()
+    for endpoints in ([web, v4_only, bare], [web], [web, web], [], [v4_only]):
+        planned = planner.targets(rows_of(*endpoints))
+        assert sorted(planned) == relay_targets(endpoints)
+        assert len(set(planned)) == len(planned)
+
+
+def test_planner_hands_back_the_same_targets_for_unchanged_rows() -> None:
+    """LoopbackRelay.sync then finds the unchanged listeners by identity."""
+    planner = RelayPlanner()
+    web = endpoint(PortBinding("tcp", "", 8080, 80))
+    first = planner.targets(rows_of(web))
+    db = endpoint(
+        PortBinding("tcp", "", 5432, 5432), sandbox="db", ipv6=IPv6Interface("fd00:1::3/64")
+    )
+    again = planner.targets(rows_of(web, db))
+    assert again[0] is first[0]
+    assert again[1] == RelayTarget("tcp", 5432, "fd00:1::3", 5432)
