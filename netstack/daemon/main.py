@@ -113,7 +113,9 @@ class Daemon:
         self.reaper = LinkReaper()  # veths are deleted after the reply, not before
         self.spares = VethSpares()  # veths made ahead for Docker's Joins
         self.plugin = PluginServer(self._controller, self._plugin_changed)
-        self.reloads = ReloadScheduler(self.reload, self._calls_in_flight, RELOAD_MAX_WAIT)
+        self.reloads = ReloadScheduler(
+            self.reload, self._calls_in_flight, RELOAD_MAX_WAIT, collect_garbage
+        )
         self._reload_lock = asyncio.Lock()
         self._ops_in_flight = 0  # CNI calls being served: each reloads once it is answered
         self.bridges: list[str] = []
@@ -293,6 +295,19 @@ class Daemon:
 
 
 GC_THRESHOLDS = (50_000, 20, 100)
+GC_QUIET_MINIMUM = 1000  # young objects worth a collection in a quiet moment
+
+
+def collect_garbage() -> None:
+    """Collect the young generations now, between calls (ReloadScheduler, in a quiet moment).
+
+    pyroute2 leaves ~900 objects in reference cycles per connect (netlink messages and
+    their request processors), only ever freed by the cyclic collector, at ~1.5 µs each
+    here: left to the 50k threshold, one collection paused the daemon for 60-130 ms in the
+    middle of whatever call triggered it. After each burst of calls it takes 1-7 ms.
+    """
+    if gc.get_count()[0] >= GC_QUIET_MINIMUM:
+        gc.collect(1)
 
 
 def quiet_garbage_collector() -> None:

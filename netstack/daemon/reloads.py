@@ -28,9 +28,11 @@ class ReloadScheduler:
         reload: Callable[[], Awaitable[None]],
         busy: Callable[[], bool],
         max_wait: float,
+        when_quiet: Callable[[], None] | None = None,
     ) -> None:
         self._reload = reload
         self._busy = busy
+        self._when_quiet = when_quiet  # housekeeping for a quiet moment (not a forced one)
         self.max_wait = max_wait
         self._wanted = False
         self._quiet = 0.0
@@ -54,13 +56,17 @@ class ReloadScheduler:
         loop = asyncio.get_running_loop()
         while self._wanted:
             deadline = loop.time() + self.max_wait
+            quiet = False
             while (now := loop.time()) < deadline:
                 wait = self._last_change + self._quiet - now
                 if wait <= 0 and not self._busy():
+                    quiet = True
                     break
                 await asyncio.sleep(min(max(wait, POLL), deadline - now))
             self._wanted = False
             try:
                 await self._reload()
+                if quiet and self._when_quiet is not None and not self._busy():
+                    self._when_quiet()
             except Exception:  # the store watcher retries; never lose the task silently
                 log.exception("reload failed")

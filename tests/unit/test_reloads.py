@@ -23,8 +23,8 @@ def test_a_burst_of_changes_reloads_once_after_it() -> None:
         scheduler = ReloadScheduler(reload, lambda: False, max_wait=10.0)
         for _ in range(5):  # calls 10 ms apart, each one a change
             scheduler.changed(0.05)
+            last_change = loop.time()
             await asyncio.sleep(0.01)
-        last_change = loop.time() - 0.01
         assert reloads == []  # never in the middle of the burst
         while scheduler.pending():
             await asyncio.sleep(0.01)
@@ -101,5 +101,30 @@ def test_a_failed_reload_does_not_stop_later_ones() -> None:
         while scheduler.pending():
             await asyncio.sleep(0.01)
         assert len(calls) == 2
+
+    run(scenario)
+
+
+def test_housekeeping_runs_after_a_quiet_reload_only() -> None:
+    """Garbage collection waits for a quiet moment; a reload forced by a stream of calls
+    that never pauses does not add it to the call being served."""
+    reloads: list[int] = []
+    kept: list[int] = []
+    busy = [False]
+
+    async def scenario() -> None:
+        async def reload() -> None:
+            reloads.append(1)
+
+        scheduler = ReloadScheduler(reload, lambda: busy[0], 0.1, lambda: kept.append(1))
+        scheduler.changed(0.0)
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert (len(reloads), len(kept)) == (1, 1)
+        busy[0] = True
+        scheduler.changed(0.0)
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert (len(reloads), len(kept)) == (2, 1)
 
     run(scenario)
