@@ -664,8 +664,13 @@ class Controller:
     def _reserve_ports(
         self, conn: sqlite3.Connection, endpoint: Endpoint, requests: list[ports.PortRequest]
     ) -> None:
-        """Inside one write transaction: choose the host ports and record the bindings."""
-        endpoint.ports = ports.assign(requests, self.store.all_ports(), sockets.bound_ports)
+        """Inside one write transaction: choose the host ports and record the bindings.
+        When every request names its host ports, only bindings on those can clash."""
+        named = None
+        if all(request.host_ports is not None for request in requests):
+            named = [port for request in requests for port in request.host_ports or ()]
+        existing = self.store.all_ports(named)
+        endpoint.ports = ports.assign(requests, existing, sockets.bound_ports)
         self.store.insert_ports(conn, endpoint.id, endpoint.ports)
 
     def unpublish(self, endpoint_id: str) -> None:

@@ -152,13 +152,15 @@ class _Published:
 def assign(
     requests: Sequence[PortRequest],
     existing: Iterable[PortBinding],
-    busy_on_host: Callable[[str], set[int]],
+    busy_on_host: Callable[[str, Sequence[int] | None], set[int]],
 ) -> list[PortBinding]:
     """Turn requests into bindings, choosing host ports; refuse any clash.
 
-    `existing` holds every binding already published; `busy_on_host(protocol)` returns host
-    ports bound by processes on the host. Raises Conflict naming the clash, Exhausted when
-    no free host port is left.
+    `existing` holds every binding already published (at least every one on the named
+    host ports, when all are named); `busy_on_host(protocol, among)` returns the host ports
+    bound by processes on the host, only those of `among` when it is given (every request
+    of that protocol names its host ports). Raises Conflict naming the clash, Exhausted
+    when no free host port is left.
     """
     published = _Published(existing)
     busy: dict[str, set[int]] = {}
@@ -166,7 +168,11 @@ def assign(
 
     def busy_ports(protocol: str) -> set[int]:
         if protocol not in busy:
-            busy[protocol] = busy_on_host(protocol)
+            mine = [r for r in requests if r.protocol == protocol]
+            among = None
+            if all(r.host_ports is not None for r in mine):
+                among = sorted({port for r in mine for port in r.host_ports or ()})
+            busy[protocol] = busy_on_host(protocol, among)
         return busy[protocol]
 
     def free(request: PortRequest, port: int) -> bool:

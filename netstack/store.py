@@ -11,7 +11,7 @@ import ipaddress
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -407,12 +407,20 @@ class Store:
             [(endpoint_id, p.protocol, p.host_ip, p.host_port, p.container_port) for p in ports],
         )
 
-    def all_ports(self) -> list[PortBinding]:
-        """Every published port of every endpoint."""
-        rows = self.conn.execute(
-            "SELECT protocol, host_ip, host_port, container_port FROM port_bindings"
-        ).fetchall()
-        return [PortBinding(*row) for row in rows]
+    def all_ports(self, host_ports: Iterable[int] | None = None) -> list[PortBinding]:
+        """Every published port of every endpoint; only those on `host_ports` when given
+        (a clash check for known host ports then reads a few rows, not every binding)."""
+        query = "SELECT protocol, host_ip, host_port, container_port FROM port_bindings"
+        if host_ports is None:
+            return [PortBinding(*row) for row in self.conn.execute(query).fetchall()]
+        ports = sorted(set(host_ports))
+        found: list[PortBinding] = []
+        for start in range(0, len(ports), 500):  # within SQLite's limit on parameters
+            chunk = ports[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(f"{query} WHERE host_port IN ({marks})", chunk).fetchall()
+            found += [PortBinding(*row) for row in rows]
+        return found
 
     def ports_of(self, endpoint_id: str) -> list[PortBinding]:
         rows = self.conn.execute(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 _LISTEN = "0A"
@@ -30,6 +31,12 @@ TCP_LISTEN = 10
 ALL_STATES = 0xFFFFFFFF
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 _REQUEST = struct.Struct("=BBBBI48x")  # inet_diag_req_v2, with a zero inet_diag_sockid
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP = 1
+INET_DIAG_BC_S_EQ = 11
+_RTATTR = struct.Struct("=HH")  # rtattr: length, type
+_BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes (jump), no (jump)
+_TEST_SIZE = 2 * _BC_OP.size  # a port test: the op, then an op holding the port
 _PROTOCOLS = {"tcp": (socket.IPPROTO_TCP, 1 << TCP_LISTEN), "udp": (socket.IPPROTO_UDP, ALL_STATES)}
 
 
@@ -37,22 +44,56 @@ class DiagUnavailable(OSError):
     """The kernel cannot answer sock_diag for this family and protocol."""
 
 
-def bound_ports(protocol: str) -> set[int]:
-    """Local ports with a listening TCP socket, or any bound UDP socket; SCTP: its endpoints."""
+MAX_FILTERED = 64  # ports asked about by one kernel-side filter; more: every port
+
+
+def bound_ports(protocol: str, among: Sequence[int] | None = None) -> set[int]:
+    """Local ports with a listening TCP socket, or any bound UDP socket; SCTP: its endpoints.
+
+    With `among`, only those of these ports (fewer than MAX_FILTERED: the kernel filters,
+    so the answer does not grow with the sockets of the namespace, netstackd's relay
+    listeners included).
+    """
     if protocol in _PROTOCOLS:
         try:
-            return _diag_ports(protocol)
+            return _diag_ports(protocol, among)
         except OSError:
             pass  # no sock_diag here: read /proc/net
-    return _proc_ports(protocol)
+    ports = _proc_ports(protocol)
+    return ports if among is None else ports & set(among)
 
 
-def _diag_ports(protocol: str) -> set[int]:
+def _port_filter(ports: Sequence[int]) -> bytes:
+    """An inet_diag bytecode program accepting a socket whose source port is one of `ports`.
+
+    Per port: a test (INET_DIAG_BC_S_EQ, then an op holding the port) and a jump. A match
+    goes on to the jump, which leaves for the end (accept); a miss skips the jump to the
+    next test, the last miss past the end (reject). The kernel's audit wants every jump
+    target on the chain of `yes` steps, hence a jump op per test rather than jumping
+    straight to the end from the test.
+    """
+    program = b""
+    step = _TEST_SIZE + _BC_OP.size
+    for i, port in enumerate(ports):
+        left = step * (len(ports) - i)  # bytes from this test to the end
+        miss = step if i < len(ports) - 1 else left + 4
+        program += _BC_OP.pack(INET_DIAG_BC_S_EQ, _TEST_SIZE, miss) + _BC_OP.pack(0, 0, port)
+        program += _BC_OP.pack(INET_DIAG_BC_JMP, _BC_OP.size, left - _TEST_SIZE)
+    return _RTATTR.pack(_RTATTR.size + len(program), INET_DIAG_REQ_BYTECODE) + program
+
+
+def _diag_ports(protocol: str, among: Sequence[int] | None = None) -> set[int]:
     number, states = _PROTOCOLS[protocol]
+    wanted = None if among is None else sorted(set(among))
+    if wanted is not None and not wanted:
+        return set()
+    if wanted is not None and len(wanted) > MAX_FILTERED:
+        return _diag_ports(protocol) & set(wanted)
+    extra = b"" if wanted is None else _port_filter(wanted)
     ports: set[int] = set()
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
         for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-            body = _REQUEST.pack(family, number, 0, 0, states)
+            body = _REQUEST.pack(family, number, 0, 0, states) + extra
             header = _HEADER.pack(
                 _HEADER.size + len(body),
                 SOCK_DIAG_BY_FAMILY,

@@ -1,5 +1,6 @@
 """Host ports in use by processes (kernel/sockets.bound_ports), asked of the kernel through
-sock_diag and, as a fallback, read from /proc/net: both must see the same sockets."""
+sock_diag (all of them, or a few through a kernel-side filter) and, as a fallback, read
+from /proc/net: both must see the same sockets."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ print(json.dumps({
     "diag": {p: sorted(sockets._diag_ports(p)) for p in ("tcp", "udp")},
     "proc": {p: sorted(sockets._proc_ports(p)) for p in ("tcp", "udp")},
     "bound": {p: sorted(sockets.bound_ports(p)) for p in ("tcp", "udp")},
+    "among": sorted(sockets.bound_ports("tcp", [31002, 31003, 31009])),
+    "among_udp": sorted(sockets.bound_ports("udp", [31005])),
+    "among_many": sorted(sockets.bound_ports("tcp", range(30000, 31002))),
+    "among_none": sorted(sockets.bound_ports("tcp", [])),
+    "among_proc": sorted(sockets._proc_ports("tcp") & {31002, 31003, 31009}),
 }))
 """
 
@@ -40,3 +46,8 @@ def test_sock_diag_and_proc_see_the_same_ports(host: Host) -> None:
     assert found["diag"] == want
     assert found["proc"] == want
     assert found["bound"] == want
+    # asked about some ports only: the kernel filters (a bytecode program per request)
+    assert found["among"] == found["among_proc"] == [31002]
+    assert found["among_udp"] == [31005]
+    assert found["among_many"] == [31001]  # over MAX_FILTERED: every port, then the subset
+    assert found["among_none"] == []

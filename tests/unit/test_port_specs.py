@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from netstack.errors import Conflict, Exhausted, InvalidArgument
@@ -15,7 +17,7 @@ def parse(spec: str) -> PortRequest:
     return parse_spec(spec, lambda: HOST_ADDRESSES)
 
 
-def nothing_bound(protocol: str) -> set[int]:
+def nothing_bound(protocol: str, among: Sequence[int] | None) -> set[int]:
     return set()
 
 
@@ -122,7 +124,7 @@ def test_assign_fixed_and_range() -> None:
 def test_assign_ephemeral_skips_published_and_bound_ports() -> None:
     existing = [PortBinding("tcp", "", EPHEMERAL_FIRST, 80)]
     bound = {"tcp": {EPHEMERAL_FIRST + 1}}
-    bindings = assign([parse("80"), parse("81")], existing, lambda p: bound.get(p, set()))
+    bindings = assign([parse("80"), parse("81")], existing, lambda p, among: bound.get(p, set()))
     assert [b.host_port for b in bindings] == [EPHEMERAL_FIRST + 2, EPHEMERAL_FIRST + 3]
 
 
@@ -175,7 +177,7 @@ def test_assign_refuses_clash_within_one_request_list() -> None:
 
 def test_assign_refuses_port_bound_on_host() -> None:
     with pytest.raises(Conflict, match="in use by a process on the host"):
-        assign([parse("8080:80")], [], lambda p: {8080} if p == "tcp" else set())
+        assign([parse("8080:80")], [], lambda p, among: {8080} if p == "tcp" else set())
 
 
 def test_binding_text_and_families() -> None:
@@ -184,3 +186,19 @@ def test_binding_text_and_families() -> None:
     assert PortBinding("tcp", "", 1, 1).families == (4, 6)
     assert PortBinding("tcp", "::", 1, 1).families == (6,)
     assert PortBinding("tcp", "127.0.0.1", 1, 1).families == (4,)
+
+
+def test_assign_asks_only_about_the_named_host_ports() -> None:
+    """The host's sockets are asked about the named ports only (the kernel filters, so the
+    cost does not grow with the listeners there); any port for an unnamed one."""
+    asked: list[tuple[str, list[int] | None]] = []
+
+    def busy(protocol: str, among: Sequence[int] | None) -> set[int]:
+        asked.append((protocol, None if among is None else list(among)))
+        return set()
+
+    assign([parse("8081:80"), parse("8080:81"), parse("53:53/udp")], [], busy)
+    assert sorted(asked, key=str) == [("tcp", [8080, 8081]), ("udp", [53])]
+    asked.clear()
+    assign([parse("8080:80"), parse("81")], [], busy)
+    assert asked == [("tcp", None)]

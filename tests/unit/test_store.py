@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from netstack.ipam import AddressAllocator, make_pool_spec
 
-from netstack.model import Endpoint, Network, PoolConfig, Sandbox
+from netstack.model import Endpoint, Network, PoolConfig, PortBinding, Sandbox
 from netstack.store import SCHEMA_VERSION, Store, StoreError, now, state_dir
 
 ID_A = "aaaa1111" + "0" * 56
@@ -281,6 +281,33 @@ def test_endpoints_in_creation_order(store: Store) -> None:
         "second-of-second",
         "late",
     ]
+
+
+def test_lean_rows_for_netstackd(store: Store) -> None:
+    """endpoint_name_rows, relay_rows and all_ports(host_ports): what the daemon's reload
+    and a port mapping's clash check read instead of whole endpoints."""
+    insert_networks(store, make_network())
+    web = make_endpoint("1" * 64, "web")
+    web.aliases = ["www"]
+    db = make_endpoint("2" * 64, "db", created="2026-01-03T00:00:00Z")
+    with store.transaction() as conn:
+        store.insert_endpoint(conn, web)
+        store.insert_endpoint(conn, db)
+        store.insert_ports(
+            conn, web.id, [PortBinding("tcp", "", 8080, 80), PortBinding("udp", "::1", 53, 53)]
+        )
+        store.insert_ports(conn, db.id, [PortBinding("tcp", "127.0.0.1", 5432, 5432)])
+    v4, v6 = (None if a is None else str(a) for a in (web.ipv4, web.ipv6))
+    rows = store.endpoint_name_rows()
+    assert rows[0] == (web.id, ID_A, "web", v4, v6, '["www"]')
+    assert [row[2] for row in rows] == ["web", "db"]
+    relay = store.relay_rows()
+    assert relay[:2] == [("tcp", "", 8080, 80, v4, v6), ("udp", "::1", 53, 53, v4, v6)]
+    assert len(relay) == 3
+    assert store.all_ports([5432, 9999]) == [PortBinding("tcp", "127.0.0.1", 5432, 5432)]
+    assert store.all_ports([]) == []
+    assert len(store.all_ports()) == 3
+    assert store.all_ports(range(1, 1200)) == store.all_ports([53])  # chunked parameters
 
 
 def test_one_endpoint_per_network_and_sandbox(store: Store) -> None:
