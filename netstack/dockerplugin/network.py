@@ -64,6 +64,11 @@ class _EndpointLocks:
         with lock:
             yield
 
+    def is_prepared(self, endpoint_id: str) -> bool:
+        """Whether the endpoint's pair was made ahead (its Join then only names it)."""
+        with self._guard:
+            return endpoint_id in self.prepared
+
     def forget(self, endpoint_id: str) -> None:
         with self._guard:
             self._locks.pop(endpoint_id, None)

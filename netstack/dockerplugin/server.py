@@ -139,6 +139,8 @@ class PluginServer:
             return app.Reply(405, {"Err": "plugin methods are called with POST"})
         path = request.target.decode("ascii", "replace")
         loop = asyncio.get_running_loop()
+        if app.quick(path, body):
+            return app.handle(path, body, self.make_controller)
         self.calls_in_flight += 1
         try:
             return await loop.run_in_executor(None, app.handle, path, body, self.make_controller)

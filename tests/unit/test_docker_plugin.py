@@ -15,7 +15,7 @@ from netstack.drivers.bridge.driver import peer_veth_name
 from netstack.ipam import AddressAllocator, make_pool_spec
 
 from netstack.controller import Controller, NetworkRequest
-from netstack.dockerplugin import app
+from netstack.dockerplugin import app, network
 from netstack.model import Endpoint, JoinOptions, Network, Sandbox
 from netstack.store import Store
 
@@ -470,3 +470,32 @@ def test_bridge_driver_names_a_prepared_pair_without_the_kernel() -> None:
         network, endpoint, Sandbox("docker/x", ""), JoinOptions(peer_in_host=True, prepared="nsyab")
     )
     assert name == "nsyab"
+
+
+def test_quick_calls_are_those_without_kernel_work_or_waiting() -> None:
+    """netstackd answers these on its event loop (no worker thread handoff); a Join only
+    when its veth pair was made ahead, the rest always in a worker thread."""
+    for path in (
+        "/Plugin.Activate",
+        "/NetworkDriver.GetCapabilities",
+        "/NetworkDriver.EndpointOperInfo",
+        "/NetworkDriver.CreateEndpoint",
+        "/IpamDriver.RequestAddress",
+        "/Nope.Method",  # answered 404 at once
+    ):
+        assert app.quick(path), path
+    for path in (
+        "/NetworkDriver.CreateNetwork",
+        "/NetworkDriver.DeleteEndpoint",
+        "/NetworkDriver.ProgramExternalConnectivity",
+        "/IpamDriver.RequestPool",
+    ):
+        assert not app.quick(path), path
+    join = b'{"NetworkID": "n", "EndpointID": "e1", "SandboxKey": "/x"}'
+    assert not app.quick("/NetworkDriver.Join", join)
+    network.ENDPOINT_LOCKS.prepared["e1"] = "nsy0"
+    try:
+        assert app.quick("/NetworkDriver.Join", join)
+    finally:
+        network.ENDPOINT_LOCKS.forget("e1")
+    assert app.quick("/NetworkDriver.Join", b"not json")
