@@ -48,6 +48,12 @@ class ReloadScheduler:
         if not self.pending():
             self._task = loop.create_task(self._run())
 
+    def postpone(self) -> None:
+        """A call that changed nothing came in: a reload waiting for quiet waits on (Docker's
+        read-only calls follow its changing ones within the quiet spell)."""
+        if self.pending():
+            self._last_change = asyncio.get_running_loop().time()
+
     def pending(self) -> bool:
         """Whether a reload is waiting or running."""
         return self._task is not None and not self._task.done()

@@ -64,9 +64,11 @@ class PluginServer:
         self,
         make_controller: app.ControllerFactory,
         on_change: Callable[[], None] | None = None,
+        on_call: Callable[[], None] | None = None,
     ) -> None:
         self.make_controller = make_controller
-        self.on_change = on_change
+        self.on_change = on_change  # after a call that changed the store
+        self.on_call = on_call  # after any other call
         self._server: asyncio.AbstractServer | None = None
         self.path: Path | None = None
         self.calls_in_flight = 0
@@ -119,6 +121,8 @@ class PluginServer:
                     )
                 if reply.changed and self.on_change is not None:
                     self.on_change()  # must not delay the next call on this connection
+                elif not reply.changed and self.on_call is not None:
+                    self.on_call()
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()

@@ -128,3 +128,28 @@ def test_housekeeping_runs_after_a_quiet_reload_only() -> None:
         assert (len(reloads), len(kept)) == (2, 1)
 
     run(scenario)
+
+
+def test_calls_that_change_nothing_postpone_a_waiting_reload() -> None:
+    """dockerd's read-only calls (EndpointOperInfo) follow its Join within the quiet spell:
+    the reload waits until they are done too."""
+    reloads: list[float] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def reload() -> None:
+            reloads.append(loop.time())
+
+        scheduler = ReloadScheduler(reload, lambda: False, max_wait=10.0)
+        scheduler.postpone()  # nothing pending: nothing happens
+        assert not scheduler.pending()
+        scheduler.changed(0.05)
+        await asyncio.sleep(0.03)
+        scheduler.postpone()
+        last_call = loop.time()
+        while scheduler.pending():
+            await asyncio.sleep(0.01)
+        assert len(reloads) == 1 and reloads[0] >= last_call + 0.05
+
+    run(scenario)
