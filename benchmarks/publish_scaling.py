@@ -190,7 +190,9 @@ def micro(reps: int) -> None:
     def reserve() -> None:
         with store.transaction():
             # as the controller: only bindings on the named host ports can clash
-            ports.assign([request], store.all_ports(request.host_ports), sockets.bound_ports)
+            ports.assign(
+                [request], store.all_ports(ports.named_host_ports([request])), sockets.bound_ports
+            )
 
     existing = store.all_ports()
     for _ in range(reps):

@@ -666,10 +666,7 @@ class Controller:
     ) -> None:
         """Inside one write transaction: choose the host ports and record the bindings.
         When every request names its host ports, only bindings on those can clash."""
-        named = None
-        if all(request.host_ports is not None for request in requests):
-            named = [port for request in requests for port in request.host_ports or ()]
-        existing = self.store.all_ports(named)
+        existing = self.store.all_ports(ports.named_host_ports(requests))
         endpoint.ports = ports.assign(requests, existing, sockets.bound_ports)
         self.store.insert_ports(conn, endpoint.id, endpoint.ports)
 

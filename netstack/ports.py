@@ -149,6 +149,15 @@ class _Published:
         return clash(binding, self._index.get((binding.protocol, binding.host_port), ()))
 
 
+def named_host_ports(requests: Iterable[PortRequest]) -> list[int] | None:
+    """Every host port these requests name, sorted; None when one of them asks for any
+    free port (then every binding and every bound port may matter to the choice)."""
+    requests = list(requests)
+    if any(request.host_ports is None for request in requests):
+        return None
+    return sorted({port for request in requests for port in request.host_ports or ()})
+
+
 def assign(
     requests: Sequence[PortRequest],
     existing: Iterable[PortBinding],
@@ -168,10 +177,7 @@ def assign(
 
     def busy_ports(protocol: str) -> set[int]:
         if protocol not in busy:
-            mine = [r for r in requests if r.protocol == protocol]
-            among = None
-            if all(r.host_ports is not None for r in mine):
-                among = sorted({port for r in mine for port in r.host_ports or ()})
+            among = named_host_ports(r for r in requests if r.protocol == protocol)
             busy[protocol] = busy_on_host(protocol, among)
         return busy[protocol]
 
