@@ -397,12 +397,11 @@ class RecordsBuilder:
         """From the store's rows (`Store.endpoint_name_rows`, connection order)."""
         domains = {network.id: network_domain(network) for network in networks}
         shape = tuple((n.id, domains[n.id], *(p.subnet for p in n.pools)) for n in networks)
-        wanted = set(rows)
         if shape != self._networks:  # an endpoint's names depend on its network's domain
             self._entries.clear()
             self._rebuild(networks, domains, rows)
             self._networks = shape
-        elif len(wanted) != len(rows) or not self._apply(wanted, domains):
+        elif len(wanted := set(rows)) != len(rows) or not self._apply(wanted, domains):
             self._rebuild(networks, domains, rows)
         tables = self._tables
         return Records(

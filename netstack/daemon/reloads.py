@@ -44,8 +44,10 @@ class ReloadScheduler:
         loop = asyncio.get_running_loop()
         self._wanted = True
         self._last_change = loop.time()
-        self._quiet = quiet if not self.pending() else max(self._quiet, quiet)
-        if not self.pending():
+        if self.pending():
+            self._quiet = max(self._quiet, quiet)
+        else:
+            self._quiet = quiet
             self._task = loop.create_task(self._run())
 
     def postpone(self) -> None:
