@@ -113,6 +113,13 @@ def bring_up_loopback(namespace: str) -> None:
 def create_bridge(name: str, mac: str, mtu: int, addresses: Sequence[IPInterface]) -> None:
     """Create a bridge with a fixed MAC and gateway addresses, and bring it up.
 
+    Multicast snooping is off. Why: with it on, every port added (and every port whose
+    carrier comes up) makes the kernel re-arm the multicast timers of *every* port of the
+    bridge (`br_port_state_selection`), so attaching a container grew ~2 ms slower from the
+    1st to the 500th port here (perf: a quarter of `ip link add` at 1000 ports); off, it
+    stays flat. Nothing is lost: a container bridge has no multicast querier, and without
+    one the bridge floods multicast to every port whether it snoops or not.
+
     Raises Conflict if a link of that name exists. Undo with `delete_link(name)`.
     """
     with _ipr() as ipr:
@@ -121,7 +128,9 @@ def create_bridge(name: str, mac: str, mtu: int, addresses: Sequence[IPInterface
                 f"interface {name!r} already exists on the host; choose another bridge.name"
             )
         with netlink_errors(f"creating bridge {name}"):
-            ipr.link("add", ifname=name, kind="bridge", address=mac, mtu=mtu)
+            ipr.link(
+                "add", ifname=name, kind="bridge", address=mac, mtu=mtu, br_mcast_snooping=0
+            )
         with netlink_errors(f"configuring bridge {name}"):
             index = _index(ipr, name)
             assert index is not None
