@@ -128,9 +128,7 @@ def create_bridge(name: str, mac: str, mtu: int, addresses: Sequence[IPInterface
                 f"interface {name!r} already exists on the host; choose another bridge.name"
             )
         with netlink_errors(f"creating bridge {name}"):
-            ipr.link(
-                "add", ifname=name, kind="bridge", address=mac, mtu=mtu, br_mcast_snooping=0
-            )
+            ipr.link("add", ifname=name, kind="bridge", address=mac, mtu=mtu, br_mcast_snooping=0)
         with netlink_errors(f"configuring bridge {name}"):
             index = _index(ipr, name)
             assert index is not None
