@@ -392,17 +392,33 @@ class RecordsBuilder:
         return self.build_rows(networks, [endpoint_row(e) for e in endpoints], generation)
 
     def build_rows(
-        self, networks: Sequence[Network], rows: Sequence[EndpointRow], generation: int = 0
+        self,
+        networks: Sequence[Network],
+        rows: Sequence[EndpointRow],
+        generation: int = 0,
+        changes: tuple[Sequence[EndpointRow], Sequence[EndpointRow]] | None = None,
     ) -> Records:
-        """From the store's rows (`Store.endpoint_name_rows`, connection order)."""
+        """From the store's rows (`Store.endpoint_name_rows`, connection order).
+
+        `changes`, when the caller knows them: the rows (removed, added) since the rows of
+        this builder's last call, so they need not be found by comparing every row.
+        """
         domains = {network.id: network_domain(network) for network in networks}
         shape = tuple((n.id, domains[n.id], *(p.subnet for p in n.pools)) for n in networks)
         if shape != self._networks:  # an endpoint's names depend on its network's domain
             self._entries.clear()
             self._rebuild(networks, domains, rows)
             self._networks = shape
-        elif len(wanted := set(rows)) != len(rows) or not self._apply(wanted, domains):
-            self._rebuild(networks, domains, rows)
+        else:
+            if changes is not None:
+                applied = self._apply(*changes, domains)
+            elif len(wanted := set(rows)) == len(rows):
+                known = self._entries.keys()
+                applied = self._apply(known - wanted, wanted - known, domains)
+            else:  # the same row twice: only a rebuild gets that right
+                applied = False
+            if not applied:
+                self._rebuild(networks, domains, rows)
         tables = self._tables
         return Records(
             generation=generation,
@@ -421,11 +437,19 @@ class RecordsBuilder:
             entry = self._entries[row] = _endpoint_names(row, domains.get(row[1]))
         return entry
 
-    def _apply(self, wanted: set[EndpointRow], domains: dict[str, str | None]) -> bool:
-        """Bring the tables to `wanted` in place; False when that needs a full rebuild (the
-        tables may then be half-changed: the caller rebuilds them)."""
-        gone = [self._entries.pop(row) for row in self._entries.keys() - wanted]
-        new = [self._entry(row, domains) for row in wanted - self._entries.keys()]
+    def _apply(
+        self,
+        gone_rows: Iterable[EndpointRow],
+        new_rows: Iterable[EndpointRow],
+        domains: dict[str, str | None],
+    ) -> bool:
+        """Remove `gone_rows` from the tables and add `new_rows`, in place; False when that
+        needs a full rebuild (the tables may then be half-changed: the caller rebuilds)."""
+        gone_rows, new_rows = set(gone_rows), set(new_rows)
+        if gone_rows - self._entries.keys() or new_rows & (self._entries.keys() - gone_rows):
+            return False  # not changes from the last rows
+        gone = [self._entries.pop(row) for row in gone_rows]
+        new = [self._entry(row, domains) for row in new_rows]
         for entry in gone:
             if not self._alone(entry, domains, present=True):
                 return False

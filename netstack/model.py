@@ -11,6 +11,9 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 EndpointRow = tuple[str, str, str, str | None, str | None, str]
 """An endpoint as its DNS names need it, as the store holds it: (id, network id, sandbox,
 IPv4 interface text, IPv6 interface text, aliases as a JSON list)."""
+RelayStoreRow = tuple[str, str, str, int, int, str | None, str | None]
+"""A published port as `Store.relay_rows` reads it: (endpoint id, protocol, host IP, host
+port, container port, the endpoint's IPv4 and IPv6 interface text)."""
 
 
 @dataclass(frozen=True)

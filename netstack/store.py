@@ -11,17 +11,29 @@ import ipaddress
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from netstack.errors import NetstackError
 from netstack.ipam.allocator import SCHEMA as IPAM_SCHEMA
-from netstack.model import Endpoint, EndpointRow, Network, PoolConfig, PortBinding, Sandbox
+from netstack.model import (
+    Endpoint,
+    EndpointRow,
+    Network,
+    PoolConfig,
+    PortBinding,
+    RelayStoreRow,
+    Sandbox,
+)
 
 DEFAULT_STATE_DIR = "/var/lib/netstack"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+CHANGES_KEPT = 4096
+"""Entries of the endpoint change log kept (`Store.changes_since`): a reader further behind
+reads everything again."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS networks (
@@ -68,6 +80,41 @@ CREATE TABLE IF NOT EXISTS port_bindings (
 );
 CREATE INDEX IF NOT EXISTS port_bindings_endpoint ON port_bindings(endpoint_id);
 """
+
+# Every write to an endpoint or its port bindings logs the endpoint's id, by trigger, so no
+# writer can forget to: netstackd re-reads only what changed (`Store.changes_since`).
+_CHANGES_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS endpoint_changes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint_id  TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS endpoint_inserted AFTER INSERT ON endpoints
+BEGIN INSERT INTO endpoint_changes(endpoint_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS endpoint_updated AFTER UPDATE ON endpoints
+BEGIN INSERT INTO endpoint_changes(endpoint_id) VALUES (OLD.id), (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS endpoint_deleted AFTER DELETE ON endpoints
+BEGIN INSERT INTO endpoint_changes(endpoint_id) VALUES (OLD.id); END;
+CREATE TRIGGER IF NOT EXISTS port_binding_inserted AFTER INSERT ON port_bindings
+BEGIN INSERT INTO endpoint_changes(endpoint_id) VALUES (NEW.endpoint_id); END;
+CREATE TRIGGER IF NOT EXISTS port_binding_updated AFTER UPDATE ON port_bindings
+BEGIN INSERT INTO endpoint_changes(endpoint_id) VALUES (OLD.endpoint_id), (NEW.endpoint_id); END;
+CREATE TRIGGER IF NOT EXISTS port_binding_deleted AFTER DELETE ON port_bindings
+BEGIN INSERT INTO endpoint_changes(endpoint_id) VALUES (OLD.endpoint_id); END;
+CREATE TRIGGER IF NOT EXISTS endpoint_changes_pruned AFTER INSERT ON endpoint_changes
+WHEN NEW.seq % 256 = 0
+BEGIN DELETE FROM endpoint_changes WHERE seq <= NEW.seq - {CHANGES_KEPT}; END;
+"""
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of a script (a trigger's body holds semicolons of its own)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def state_dir() -> Path:
@@ -168,13 +215,12 @@ class Store:
                 f"state database schema {version} is newer than this netstack "
                 f"({SCHEMA_VERSION}); upgrade netstack"
             )
-        migrations = [_SCHEMA + IPAM_SCHEMA, _PORTS_SCHEMA]
+        migrations = [_SCHEMA + IPAM_SCHEMA, _PORTS_SCHEMA, _CHANGES_SCHEMA]
         with self.transaction() as conn:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             for script in migrations[current:]:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(script):
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -352,23 +398,61 @@ class Store:
         conn.execute("DELETE FROM port_bindings WHERE endpoint_id=?", (endpoint_id,))
         conn.execute("DELETE FROM endpoints WHERE id=?", (endpoint_id,))
 
-    def endpoint_name_rows(self) -> list[EndpointRow]:
-        """Every endpoint as the DNS records need it, in connection order: raw rows
-        (id, network id, sandbox, IPv4 interface, IPv6 interface, aliases as JSON), which
-        cost netstackd's reload far less than `endpoints()` and hash cheaply."""
-        return self.conn.execute(
-            "SELECT id, network_id, sandbox, ipv4, ipv6, aliases FROM endpoints "
-            "ORDER BY created, rowid"
-        ).fetchall()
+    def endpoint_name_rows(self, ids: Collection[str] | None = None) -> list[EndpointRow]:
+        """Every endpoint (or those of `ids`) as the DNS records need it, in connection
+        order: raw rows (id, network id, sandbox, IPv4 interface, IPv6 interface, aliases
+        as JSON), which cost netstackd's reload far less than `endpoints()` and hash
+        cheaply."""
+        query = "SELECT id, network_id, sandbox, ipv4, ipv6, aliases FROM endpoints"
+        order = " ORDER BY created, rowid"
+        if ids is None:
+            return self.conn.execute(query + order).fetchall()
+        return self._rows_of(query + " WHERE id IN ({})" + order, ids)
 
-    def relay_rows(self) -> list[tuple[str, str, int, int, str | None, str | None]]:
-        """Every published port with its endpoint's addresses, in publishing order: raw
-        rows (protocol, host IP, host port, container port, IPv4 and IPv6 interface) for
-        netstackd's loopback relay (`relay.RelayPlanner`)."""
-        return self.conn.execute(
-            "SELECT p.protocol, p.host_ip, p.host_port, p.container_port, e.ipv4, e.ipv6 "
-            "FROM port_bindings p JOIN endpoints e ON e.id = p.endpoint_id ORDER BY p.rowid"
+    def relay_rows(self, ids: Collection[str] | None = None) -> list[RelayStoreRow]:
+        """Every published port (or those of the endpoints `ids`) with its endpoint's
+        addresses, in publishing order: raw rows (endpoint id, protocol, host IP, host port,
+        container port, IPv4 and IPv6 interface) for netstackd's loopback relay."""
+        query = (
+            "SELECT p.endpoint_id, p.protocol, p.host_ip, p.host_port, p.container_port, "
+            "e.ipv4, e.ipv6 FROM port_bindings p JOIN endpoints e ON e.id = p.endpoint_id"
+        )
+        if ids is None:
+            return self.conn.execute(query + " ORDER BY p.rowid").fetchall()
+        return self._rows_of(query + " WHERE p.endpoint_id IN ({}) ORDER BY p.rowid", ids)
+
+    def _rows_of(self, query: str, ids: Collection[str]) -> list[Any]:
+        """`query` with its ``IN ({})`` filled for `ids`, a chunk at a time (SQLite's limit
+        on parameters); rows in the query's order within each chunk."""
+        wanted, found = sorted(set(ids)), []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            found += self.conn.execute(query.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return found
+
+    def change_mark(self) -> int:
+        """The endpoint change log's newest entry (0 when empty): `changes_since` from here
+        gives what changed after this moment."""
+        return int(
+            self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM endpoint_changes").fetchone()[0]
+        )
+
+    def changes_since(self, mark: int) -> tuple[int, set[str]] | None:
+        """(the newest mark, ids of the endpoints written since `mark`: their rows or port
+        bindings inserted, updated or deleted); None when the log no longer reaches back to
+        `mark` (more than `CHANGES_KEPT` writes since, or another database): read everything
+        then. Use inside `snapshot()` with the reads that follow."""
+        oldest, newest = self.conn.execute(
+            "SELECT MIN(seq), MAX(seq) FROM endpoint_changes"
+        ).fetchone()
+        if newest is None:
+            return (0, set()) if mark == 0 else None
+        if mark > newest or oldest > mark + 1:
+            return None
+        rows = self.conn.execute(
+            "SELECT DISTINCT endpoint_id FROM endpoint_changes WHERE seq > ?", (mark,)
         ).fetchall()
+        return int(newest), {str(row[0]) for row in rows}
 
     def endpoints(
         self, network_id: str | None = None, sandbox: str | None = None

@@ -322,16 +322,18 @@ def dns_config(
     endpoints: Sequence[EndpointRow],
     generation: int,
     builder: RecordsBuilder | None = None,
+    changes: tuple[Sequence[EndpointRow], Sequence[EndpointRow]] | None = None,
 ) -> tuple[Records, UpstreamPolicy, list[IPAddress]]:
     """From the store's state (its networks and `Store.endpoint_name_rows`): the records,
     the upstream policy and the addresses to serve.
 
     Addresses: the gateways of bridge networks, which live on the bridge in the host
     namespace, where netstackd runs. `builder` (one per daemon) carries what it worked out
-    from one call to the next.
+    from one call to the next; `changes` are the rows (removed, added) since its last call
+    (`RecordsBuilder.build_rows`).
     """
     builder = builder or RecordsBuilder()
-    records = builder.build_rows(networks, endpoints, generation)
+    records = builder.build_rows(networks, endpoints, generation, changes)
     policy = UpstreamPolicy(
         network_servers={n.id: dns_servers(n.options) for n in networks if dns_servers(n.options)},
         internal=frozenset(n.id for n in networks if n.internal),

@@ -27,6 +27,7 @@ from netstack.controller import Controller
 from netstack.daemon.api import MAX_REQUEST, Api
 from netstack.daemon.dns_server import DnsServer, dns_config
 from netstack.daemon.forwarder import HostServers, UpstreamPolicy
+from netstack.daemon.mirror import StoreMirror
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, RelayPlanner, RelayTarget
 from netstack.daemon.reloads import ReloadScheduler
@@ -85,7 +86,7 @@ class StoreState:
 
     bridges: list[str]
     dns: tuple[Records, UpstreamPolicy, list[IPAddress]]
-    relay: list[RelayTarget]
+    relay: list[RelayTarget] | None  # None: as it is
     networks: int
     endpoints: int
 
@@ -104,6 +105,7 @@ class Daemon:
         self.generation = 0
         self._records = RecordsBuilder()  # these two: used by one reload at a time
         self._relay_plan = RelayPlanner()
+        self._mirror = StoreMirror()
         self._seen_version: int | None = None
         self.api = Api()
         self.api.register("status", self.status)
@@ -186,7 +188,8 @@ class Daemon:
                 self.bridges = state.bridges
                 self._sync_coexist()
             await self.dns.update(*state.dns)
-            await self.relay.sync(state.relay)
+            if state.relay is not None:
+                await self.relay.sync(state.relay)
             log.debug(
                 "state generation %d: %d networks, %d endpoints",
                 self.generation,
@@ -195,23 +198,27 @@ class Daemon:
             )
 
     def _read_state(self, generation: int) -> StoreState:
-        """In a worker thread: what the DNS server, the relay and coexistence need."""
-        store = self._controller().store
-        with store.snapshot():
-            networks = store.networks()
-            rows = store.endpoint_name_rows()  # all the records need, and cheap to read
-            published = store.relay_rows()
-        return StoreState(
-            bridges=[
-                BridgeDriver.options_of(network).bridge_name
-                for network in networks
-                if network.driver == BridgeDriver.name
-            ],
-            dns=dns_config(networks, rows, generation, self._records),
-            relay=self._relay_plan.targets(published),
-            networks=len(networks),
-            endpoints=len(rows),
-        )
+        """In a worker thread: what the DNS server, the relay and coexistence need, from
+        the endpoints written since the last reload (`StoreMirror`)."""
+        try:
+            view = self._mirror.read(self._controller().store)
+            changes = (
+                None if view.added is None or view.removed is None else (view.removed, view.added)
+            )
+            return StoreState(
+                bridges=[
+                    BridgeDriver.options_of(network).bridge_name
+                    for network in view.networks
+                    if network.driver == BridgeDriver.name
+                ],
+                dns=dns_config(view.networks, view.rows, generation, self._records, changes),
+                relay=self._relay_plan.targets(view.published) if view.relay_changed else None,
+                networks=len(view.networks),
+                endpoints=len(view.rows),
+            )
+        except BaseException:
+            self._mirror.forget()  # the builder may be half-way: start afresh next time
+            raise
 
     def _plugin_changed(self) -> None:
         self.reloads.changed(PLUGIN_RELOAD_QUIET)

@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from netstack.model import Endpoint, IPInterface, PortBinding
+from netstack.model import Endpoint, IPInterface, PortBinding, RelayStoreRow
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ def relay_targets(endpoints: Iterable[Endpoint]) -> list[RelayTarget]:
     return sorted(targets)
 
 
-RelayRow = tuple[str, str, int, int, str | None, str | None]
-"""A published port as `Store.relay_rows` gives it: protocol, host IP, host port, container
-port, and its endpoint's IPv4 and IPv6 interface."""
+RelayRow = RelayStoreRow
+"""A published port as `Store.relay_rows` gives it: endpoint id, protocol, host IP, host
+port, container port, and its endpoint's IPv4 and IPv6 interface."""
 
 
 class RelayPlanner:
@@ -132,7 +132,7 @@ class RelayPlanner:
             if row in known:
                 target = known[row]
             else:
-                protocol, host_ip, host_port, container_port, ipv4, ipv6 = row
+                _, protocol, host_ip, host_port, container_port, ipv4, ipv6 = row
                 text = ipv6 if ipv6 is not None else ipv4
                 address = None if text is None else ipaddress.ip_interface(text)
                 target = _target(PortBinding(protocol, host_ip, host_port, container_port), address)

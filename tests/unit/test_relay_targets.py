@@ -98,6 +98,7 @@ def rows_of(*endpoints: Endpoint) -> list[RelayRow]:
     """What Store.relay_rows gives for these endpoints."""
     return [
         (
+            e.id,
             b.protocol,
             b.host_ip,
             b.host_port,

@@ -12,7 +12,7 @@ import pytest
 from netstack.ipam import AddressAllocator, make_pool_spec
 
 from netstack.model import Endpoint, Network, PoolConfig, PortBinding, Sandbox
-from netstack.store import SCHEMA_VERSION, Store, StoreError, now, state_dir
+from netstack.store import CHANGES_KEPT, SCHEMA_VERSION, Store, StoreError, now, state_dir
 
 ID_A = "aaaa1111" + "0" * 56
 ID_B = "aaaa2222" + "0" * 56
@@ -74,7 +74,7 @@ def insert_networks(store: Store, *networks: Network) -> None:
 
 
 def test_schema_version_and_wal(store: Store, tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -106,13 +106,32 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     """A database written by schema 1 (no port_bindings) gains the table and keeps its rows."""
     first = Store(tmp_path)
     insert_networks(first, make_network())
+    for trigger in ("inserted", "updated", "deleted"):
+        first.conn.execute(f"DROP TRIGGER port_binding_{trigger}")
     first.conn.execute("DROP TABLE port_bindings")
     first.conn.execute("PRAGMA user_version=1")
     first.close()
     again = Store(tmp_path)
-    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert [n.name for n in again.networks()] == ["front"]
     assert again.all_ports() == []
+    again.close()
+
+
+def test_version_2_database_gains_the_change_log(tmp_path: Path) -> None:
+    """Schema 2 had no endpoint change log: the upgrade adds it (triggers and all) and keeps
+    the rows; writes after it are logged."""
+    first = Store(tmp_path)
+    insert_networks(first, make_network())
+    first.conn.execute("DROP TABLE endpoint_changes")  # its triggers go with it
+    first.conn.execute("PRAGMA user_version=2")
+    first.close()
+    again = Store(tmp_path)
+    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert again.changes_since(0) == (0, set())
+    with again.transaction() as conn:
+        again.insert_endpoint(conn, make_endpoint("1" * 64, "web"))
+    assert again.changes_since(0) == (1, {"1" * 64})
     again.close()
 
 
@@ -302,12 +321,52 @@ def test_lean_rows_for_netstackd(store: Store) -> None:
     assert rows[0] == (web.id, ID_A, "web", v4, v6, '["www"]')
     assert [row[2] for row in rows] == ["web", "db"]
     relay = store.relay_rows()
-    assert relay[:2] == [("tcp", "", 8080, 80, v4, v6), ("udp", "::1", 53, 53, v4, v6)]
+    assert relay[:2] == [
+        (web.id, "tcp", "", 8080, 80, v4, v6),
+        (web.id, "udp", "::1", 53, 53, v4, v6),
+    ]
     assert len(relay) == 3
+    assert store.relay_rows([db.id, "0" * 64]) == relay[2:]
+    assert store.endpoint_name_rows([db.id, "0" * 64]) == rows[1:]
     assert store.all_ports([5432, 9999]) == [PortBinding("tcp", "127.0.0.1", 5432, 5432)]
     assert store.all_ports([]) == []
     assert len(store.all_ports()) == 3
     assert store.all_ports(range(1, 1200)) == store.all_ports([53])  # chunked parameters
+
+
+def test_changes_since_names_every_endpoint_written(store: Store) -> None:
+    """Inserting, updating or deleting an endpoint or its port bindings logs the endpoint
+    (netstackd then re-reads only those); a mark the log no longer reaches gives None."""
+    insert_networks(store, make_network())
+    assert store.change_mark() == 0
+    assert store.changes_since(0) == (0, set())
+    web, db = make_endpoint("1" * 64, "web"), make_endpoint("2" * 64, "db")
+    with store.transaction() as conn:
+        store.insert_endpoint(conn, web)
+        store.insert_endpoint(conn, db)
+    start = store.change_mark()
+    assert store.changes_since(0) == (start, {web.id, db.id})
+    assert store.changes_since(start) == (start, set())
+    with store.transaction() as conn:
+        store.insert_ports(conn, db.id, [PortBinding("tcp", "", 8080, 80)])
+    mark, changed = store.changes_since(start) or (0, set())
+    assert changed == {db.id}
+    with store.transaction() as conn:
+        store.update_endpoint_sandbox(conn, web.id, "web2")
+    assert store.changes_since(mark) == (store.change_mark(), {web.id})
+    mark = store.change_mark()
+    with store.transaction() as conn:
+        store.delete_endpoint(conn, db.id)  # its port binding too
+    assert store.changes_since(mark) == (store.change_mark(), {db.id})
+    assert store.changes_since(store.change_mark() + 1) is None  # ahead: another database
+    with store.transaction() as conn:  # more writes than the log keeps
+        for n in range(CHANGES_KEPT + 300):
+            store.update_endpoint_sandbox(conn, web.id, f"web-{n}")
+    assert store.changes_since(start) is None
+    recent = store.change_mark() - 10
+    assert store.changes_since(recent) == (store.change_mark(), {web.id})
+    kept = store.conn.execute("SELECT COUNT(*) FROM endpoint_changes").fetchone()[0]
+    assert CHANGES_KEPT <= kept <= CHANGES_KEPT + 256
 
 
 def test_one_endpoint_per_network_and_sandbox(store: Store) -> None:
