@@ -442,8 +442,9 @@ class Store:
         bindings inserted, updated or deleted); None when the log no longer reaches back to
         `mark` (more than `CHANGES_KEPT` writes since, or another database): read everything
         then. Use inside `snapshot()` with the reads that follow."""
-        oldest, newest = self.conn.execute(
-            "SELECT MIN(seq), MAX(seq) FROM endpoint_changes"
+        oldest, newest = self.conn.execute(  # one aggregate per SELECT: an index lookup each
+            "SELECT (SELECT MIN(seq) FROM endpoint_changes), "
+            "(SELECT MAX(seq) FROM endpoint_changes)"
         ).fetchone()
         if newest is None:
             return (0, set()) if mark == 0 else None

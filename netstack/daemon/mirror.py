@@ -8,6 +8,7 @@ next call. Reading the endpoints that changed costs the same at 1 or 500.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from netstack.model import EndpointRow, Network, RelayStoreRow
@@ -59,7 +60,7 @@ class StoreMirror:
             return StoreView(networks, rows, published, None, None, True)
         removed, added = self._apply_rows(ids, rows)
         relay_changed = self._apply_published(ids, published)
-        every_port = [row for rows_of in self._published.values() for row in rows_of]
+        every_port = list(itertools.chain.from_iterable(self._published.values()))
         return StoreView(
             networks, list(self._rows.values()), every_port, removed, added, relay_changed
         )
