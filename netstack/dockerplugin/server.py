@@ -1,23 +1,30 @@
 """The plugin's HTTP/1.1 server on a unix socket, on netstackd's asyncio loop.
 
-HTTP framing is h11's (a sans-IO HTTP/1.1 state machine): this module only moves bytes
-between the socket and h11, and runs each call (`app.handle`) in a worker thread, since
-the controller blocks on the kernel and SQLite. Keep-alive connections are served call
-after call, as Docker's plugin client reuses them. Malformed HTTP gets a 400, a body over
-`wire.MAX_BODY` a 413, then the connection is closed; nothing stops the server.
+HTTP parsing is httptools' (llhttp, the C parser of Node.js); a response is one status
+line, two headers and a JSON body, written here. Each connection is an `asyncio.Protocol`:
+a call without kernel work or waiting (`app.quick`) is answered as soon as its request is
+parsed, the others run in a worker thread (the controller blocks on the kernel and
+SQLite), and the calls of one connection are answered in order. Why not h11 and streams:
+one plugin call cost ~0.5 ms of Python there (h11's state machine and validation, the
+stream reader), ~0.12 ms here, and `docker network connect` makes five calls in a row.
+Keep-alive connections are served call after call, as Docker's plugin client reuses them.
+Malformed HTTP gets a 400, headers over `MAX_HEADERS` a 431, a body over `wire.MAX_BODY`
+a 413, then the connection is closed; nothing stops the server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
-import h11
+import httptools
 
 from netstack.dockerplugin import app, wire
 from netstack.errors import Conflict
@@ -27,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PLUGIN_DIR = "/run/docker/plugins"
 DEFAULT_PLUGIN_NAME = "netstack"
 MAX_HEADERS = 64 * 1024
-READ_SIZE = 64 * 1024
+MAX_QUEUED = 16  # requests parsed ahead of their turn on one connection: then stop reading
 
 
 def plugin_dir() -> Path:
@@ -38,10 +45,6 @@ def plugin_dir() -> Path:
 def plugin_socket(directory: Path, name: str) -> Path:
     """Where Docker looks for plugin NAME: DIR/NAME.sock."""
     return directory / f"{name}.sock"
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _answers(path: Path) -> bool:
@@ -55,6 +58,37 @@ def _answers(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def response(status: int, document: wire.Document, close: bool = False) -> bytes:
+    """One HTTP/1.1 response with a JSON body."""
+    body = wire.encode(document)
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    connection = "Connection: close\r\n" if close else ""
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {wire.CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n{connection}\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: bytes
+    path: str
+    body: bytes
+    keep_alive: bool
+
+
+class _Refused(Exception):
+    """A request this server answers with an error status, then closes the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PluginServer:
@@ -85,7 +119,8 @@ class PluginServer:
                 "give this one another --docker-plugin name"
             )
         path.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self.serve_connection, path=str(path))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._connection, path=str(path))
         os.chmod(path, 0o660)
         self.path = path
         log.info("docker plugin serving on %s", path)
@@ -98,104 +133,162 @@ class PluginServer:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-        try:
-            while True:
-                try:
-                    received = await self._read_request(conn, reader)
-                except _TooLarge:
-                    message = f"request body larger than {wire.MAX_BODY} bytes"
-                    await self._send(conn, writer, 413, {"Err": message}, close=True)
-                    return
-                if received is None:
-                    return
-                request, body = received
-                reply = await self._call(request, body)
-                await self._send(conn, writer, reply.status, reply.document)
-                if reply.after is not None:  # e.g. make a veth while Docker prepares the Join
-                    asyncio.get_running_loop().run_in_executor(
-                        None, app.run_after, reply.after, self.make_controller
-                    )
-                if reply.changed and self.on_change is not None:
-                    self.on_change()  # must not delay the next call on this connection
-                elif not reply.changed and self.on_call is not None:
-                    self.on_call()
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
-        except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                document = {"Err": f"bad HTTP request: {exc}"}
-                with contextlib.suppress(Exception):  # the client may be gone already
-                    await self._send(conn, writer, exc.error_status_hint, document, close=True)
-        except (ConnectionError, h11.LocalProtocolError) as exc:
-            log.debug("docker plugin connection ended: %s", exc)
-        except Exception:  # a bug must not stop the server: log it, drop this connection
-            log.exception("docker plugin connection failed")
-        finally:
-            writer.close()
+    def _connection(self) -> _Connection:
+        return _Connection(self)
 
-    async def _call(self, request: h11.Request, body: bytes) -> app.Reply:
+    async def call(self, request: _Request) -> app.Reply:
+        """One call's reply: quick calls at once, the others in a worker thread."""
         if request.method != b"POST":
             return app.Reply(405, {"Err": "plugin methods are called with POST"})
-        path = request.target.decode("ascii", "replace")
-        loop = asyncio.get_running_loop()
-        if app.quick(path, body):
-            return app.handle(path, body, self.make_controller)
+        if app.quick(request.path, request.body):
+            return app.handle(request.path, request.body, self.make_controller)
         self.calls_in_flight += 1
         try:
-            return await loop.run_in_executor(None, app.handle, path, body, self.make_controller)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, app.handle, request.path, request.body, self.make_controller
+            )
         finally:
             self.calls_in_flight -= 1
 
-    @staticmethod
-    async def _read_request(
-        conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> tuple[h11.Request, bytes] | None:
-        """The next request and its body; None when the client closed between requests."""
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(READ_SIZE))
-            elif isinstance(event, h11.Request):
-                request = event
-                for name, value in event.headers:
-                    if name == b"content-length" and int(value) > wire.MAX_BODY:
-                        raise _TooLarge
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > wire.MAX_BODY:
-                    raise _TooLarge
-            elif isinstance(event, h11.EndOfMessage):
-                assert request is not None
-                return request, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
-            else:  # PAUSED cannot happen before EndOfMessage
-                return None
+    def answered(self, reply: app.Reply) -> None:
+        """After a reply was written: its follow-up work, then the change notification."""
+        if reply.after is not None:  # e.g. make a veth while Docker prepares the Join
+            asyncio.get_running_loop().run_in_executor(
+                None, app.run_after, reply.after, self.make_controller
+            )
+        if reply.changed and self.on_change is not None:
+            self.on_change()  # must not delay the next call on this connection
+        elif not reply.changed and self.on_call is not None:
+            self.on_call()
 
-    @staticmethod
-    async def _send(
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        status: int,
-        document: wire.Document,
-        close: bool = False,
-    ) -> None:
-        body = wire.encode(document)
-        headers = [
-            ("Content-Type", wire.CONTENT_TYPE),
-            ("Content-Length", str(len(body))),
-        ]
-        if close:
-            headers.append(("Connection", "close"))
-        data = conn.send(h11.Response(status_code=status, headers=headers))
-        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
-        writer.write(data)
-        await writer.drain()
+
+class _Connection(asyncio.Protocol):
+    """One client's connection: its requests parsed as bytes arrive, answered in order."""
+
+    def __init__(self, server: PluginServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self._url = bytearray()
+        self._body = bytearray()
+        self._header_bytes = 0
+        self._queue: deque[_Request] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.status, str(refused))
+            else:  # a bug: answer it, never take the server down
+                log.error("docker plugin connection failed", exc_info=refused)
+                self._refuse(500, f"internal error: {refused!r}")
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "bad HTTP request: protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"bad HTTP request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._queue.clear()
+
+    # httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._body.clear()
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value))
+        lowered = name.lower()
+        if lowered == b"content-length" and value.strip().isdigit():
+            if int(value) > wire.MAX_BODY:
+                raise _Refused(413, f"request body larger than {wire.MAX_BODY} bytes")
+        elif lowered == b"expect" and value.strip().lower() == b"100-continue":
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+        if len(self._body) > wire.MAX_BODY:
+            raise _Refused(413, f"request body larger than {wire.MAX_BODY} bytes")
+
+    def on_message_complete(self) -> None:
+        if self._closed:
+            return
+        request = _Request(
+            self.parser.get_method(),
+            self._url.decode("ascii", "replace"),
+            bytes(self._body),
+            self.parser.should_keep_alive(),
+        )
+        if (
+            self._worker is None
+            and request.method == b"POST"
+            and app.quick(request.path, request.body)
+        ):  # the common case, answered here and now
+            self._reply(
+                request, app.handle(request.path, request.body, self.server.make_controller)
+            )
+            return
+        self._queue.append(request)
+        if len(self._queue) >= MAX_QUEUED and self.transport is not None:
+            self.transport.pause_reading()
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    # --------------------------------------------------------------------------------------
+    def _count_header_bytes(self, count: int) -> None:
+        self._header_bytes += count
+        if self._header_bytes > MAX_HEADERS:
+            raise _Refused(431, f"request headers larger than {MAX_HEADERS} bytes")
+
+    async def _work(self) -> None:
+        """Answer the queued requests one after the other."""
+        try:
+            while self._queue and not self._closed:
+                request = self._queue.popleft()
+                reply = await self.server.call(request)
+                self._reply(request, reply)
+                if self.transport is not None and not self._closed:
+                    self.transport.resume_reading()
+        except Exception:  # a bug must not stop the server: log it, drop this connection
+            log.exception("docker plugin connection failed")
+            self._close()
+        finally:
+            self._worker = None
+
+    def _reply(self, request: _Request, reply: app.Reply) -> None:
+        if self._closed or self.transport is None:
+            return
+        self.transport.write(response(reply.status, reply.document, not request.keep_alive))
+        self.server.answered(reply)
+        if not request.keep_alive:
+            self._close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer a request that cannot be served, and close (its framing is lost)."""
+        if self._closed or self.transport is None:
+            return
+        self.transport.write(response(status, {"Err": message}, close=True))
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._queue.clear()
+        if self.transport is not None:
+            self.transport.close()

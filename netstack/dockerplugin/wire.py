@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,9 +108,12 @@ def _integer(doc: Document, key: str) -> int:
     return value
 
 
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def _id(doc: Document, key: str) -> str:
     value = _text(doc, key)
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    if _HEX_ID.fullmatch(value) is None:
         raise InvalidArgument(f"field {key!r} must be a 64 hex digit id, not {value!r}")
     return value
 

@@ -12,7 +12,7 @@ from netstack.drivers.bridge import BridgeDriver
 
 from netstack.controller import Controller
 from netstack.dockerplugin import wire
-from netstack.dockerplugin.server import PluginServer, plugin_socket
+from netstack.dockerplugin.server import MAX_HEADERS, PluginServer, plugin_socket
 from netstack.errors import Conflict
 from netstack.store import Store
 
@@ -86,6 +86,7 @@ def test_keep_alive_calls_and_change_notifications(tmp_path: Path) -> None:
     ("raw", "status"),
     [
         (b"GARBAGE\r\n\r\n", 400),
+        (request("/Plugin.Activate", b"", "X-Big: " + "y" * (MAX_HEADERS + 1) + "\r\n"), 431),
         (request("/Plugin.Activate", b"x" * (wire.MAX_BODY + 1)), 413),
         (b"GET /Plugin.Activate HTTP/1.1\r\nHost: x\r\n\r\n", 405),
         (request("/Nope.Method", b"{}"), 404),
@@ -117,5 +118,50 @@ def test_stale_socket_is_replaced_live_one_is_not(tmp_path: Path) -> None:
         with pytest.raises(Conflict, match="served by another process"):
             await PluginServer(lambda: None).start(path)  # type: ignore[arg-type,return-value]
         assert path.exists()
+
+    serve(tmp_path, scenario)
+
+
+def test_pipelined_calls_are_answered_in_order(tmp_path: Path) -> None:
+    """Requests sent back to back on one connection get their replies in order, also when
+    a call run in a worker thread (RequestPool) comes before one answered at once."""
+
+    async def scenario(path: Path) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(
+            request("/IpamDriver.RequestPool", b'{"Pool": "10.5.0.0/24"}')
+            + request("/NetworkDriver.GetCapabilities", b"null")
+            + request("/IpamDriver.RequestPool", b'{"Pool": "10.5.0.0/25"}')
+        )
+        first, second, third = [json.loads((await read_response(reader))[2]) for _ in range(3)]
+        assert first["PoolID"] == "netstack/10.5.0.0/24"
+        assert second == {"Scope": "local", "ConnectivityScope": "local"}
+        assert "overlaps" in third["Error"]
+        writer.close()
+
+    serve(tmp_path, scenario)
+
+
+def test_http_details_clients_rely_on(tmp_path: Path) -> None:
+    """A chunked body, Expect: 100-continue, and Connection: close (replied, then closed)."""
+
+    async def scenario(path: Path) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        parts = (b'{"Pool": ', b'"10.6.0.0/24"}')
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+        writer.write(
+            b"POST /IpamDriver.RequestPool HTTP/1.1\r\nHost: p\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+        status, _, body = await read_response(reader)
+        assert status == 200 and json.loads(body)["Pool"] == "10.6.0.0/24"
+        writer.write(request("/Plugin.Activate", b"", "Expect: 100-continue\r\n"))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+        assert (await read_response(reader))[0] == 200
+        writer.write(request("/Plugin.Activate", b"", "Connection: close\r\n"))
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["connection"]) == (200, "close")
+        assert await reader.read() == b""  # closed by the server
+        writer.close()
 
     serve(tmp_path, scenario)
