@@ -175,6 +175,8 @@ class _Connection(asyncio.Protocol):
         self._queue: deque[_Request] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._in_message = False  # part of a request read, not all of it
+        self._eof = False  # the client half-closed: close once its requests are answered
 
     # asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -198,12 +200,24 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(400, f"bad HTTP request: {exc}")
 
+    def eof_received(self) -> bool:
+        """The client will send no more: answer what it sent, then close."""
+        if self._in_message:
+            self._refuse(400, "bad HTTP request: the connection ended in the middle of a request")
+            return False
+        if self._worker is None:
+            self._close()
+            return False
+        self._eof = True  # the worker closes after the last reply
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._queue.clear()
 
     # httptools callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._url.clear()
         self._body.clear()
         self._header_bytes = 0
@@ -228,6 +242,7 @@ class _Connection(asyncio.Protocol):
             raise _Refused(413, f"request body larger than {wire.MAX_BODY} bytes")
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._closed:
             return
         request = _Request(
@@ -271,6 +286,8 @@ class _Connection(asyncio.Protocol):
             self._close()
         finally:
             self._worker = None
+            if self._eof:
+                self._close()
 
     def _reply(self, request: _Request, reply: app.Reply) -> None:
         if self._closed or self.transport is None:

@@ -143,7 +143,8 @@ def test_pipelined_calls_are_answered_in_order(tmp_path: Path) -> None:
 
 
 def test_http_details_clients_rely_on(tmp_path: Path) -> None:
-    """A chunked body, Expect: 100-continue, and Connection: close (replied, then closed)."""
+    """A chunked body, Expect: 100-continue, Connection: close (replied, then closed), and
+    the client's end of sending (what was sent in full is answered)."""
 
     async def scenario(path: Path) -> None:
         reader, writer = await asyncio.open_unix_connection(str(path))
@@ -162,6 +163,19 @@ def test_http_details_clients_rely_on(tmp_path: Path) -> None:
         status, headers, _ = await read_response(reader)
         assert (status, headers["connection"]) == (200, "close")
         assert await reader.read() == b""  # closed by the server
+        writer.close()
+        # a request cut short by the client's end of sending: 400, then closed
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(request("/Plugin.Activate", b"{}")[:-1])
+        writer.write_eof()
+        assert (await read_response(reader))[0] == 400
+        assert await reader.read() == b""
+        # requests followed by the end of sending are all answered
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(request("/IpamDriver.RequestPool", b'{"Pool": "10.7.0.0/24"}'))
+        writer.write_eof()
+        assert (await read_response(reader))[0] == 200
+        assert await reader.read() == b""
         writer.close()
 
     serve(tmp_path, scenario)
