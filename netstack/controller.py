@@ -161,11 +161,13 @@ class Controller:
         drivers: Mapping[str, NetworkDriver],
         host_routes: Callable[[], list[IPNetwork]] = links.host_routes,
         on_change: Callable[[], None] | None = None,
+        busy_on_host: Callable[[str, Sequence[int] | None], set[int]] = sockets.bound_ports,
     ) -> None:
         self.store = store
         self.drivers = dict(drivers)
         self._host_routes = host_routes
         self._on_change = on_change
+        self._busy_on_host = busy_on_host  # host ports taken by processes (`ports.assign`)
 
     def _changed(self) -> None:
         """Tell whoever follows the store (netstackd) that it changed, before returning.
@@ -667,7 +669,7 @@ class Controller:
         """Inside one write transaction: choose the host ports and record the bindings.
         When every request names its host ports, only bindings on those can clash."""
         existing = self.store.all_ports(ports.named_host_ports(requests))
-        endpoint.ports = ports.assign(requests, existing, sockets.bound_ports)
+        endpoint.ports = ports.assign(requests, existing, self._busy_on_host)
         self.store.insert_ports(conn, endpoint.id, endpoint.ports)
 
     def unpublish(self, endpoint_id: str) -> None:

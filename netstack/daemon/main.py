@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +37,7 @@ from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
 from netstack.drivers.bridge import BridgeDriver
 from netstack.drivers.bridge.spares import VethSpares
 from netstack.errors import Conflict, InvalidArgument, NetstackError
-from netstack.kernel import coexist
+from netstack.kernel import coexist, sockets
 from netstack.kernel.nftables import Nftables
 from netstack.kernel.reaper import LinkReaper
 from netstack.model import IPAddress
@@ -167,9 +168,16 @@ class Daemon:
         controller: Controller | None = getattr(self._workers, "controller", None)
         if controller is None:
             driver = BridgeDriver(self.reaper, self.spares)
-            controller = Controller(Store(self.state), {"bridge": driver})
+            controller = Controller(
+                Store(self.state), {"bridge": driver}, busy_on_host=self._busy_on_host
+            )
             self._workers.controller = controller
         return controller
+
+    def _busy_on_host(self, protocol: str, among: Sequence[int] | None) -> set[int]:
+        """Host ports bound by processes, less the relay's own listeners (in a worker
+        thread: `LoopbackRelay.own_ports` says why)."""
+        return sockets.bound_ports(protocol, among) - self.relay.own_ports(protocol)
 
     async def reload(self) -> None:
         """Re-read the store and bring every part in line with it.

@@ -476,9 +476,22 @@ class LoopbackRelay:
         self.udp_max_flows = udp_max_flows
         self.retry_interval = retry_interval
         self._listeners: dict[tuple[str, int], _Listener] = {}
+        self.ports: frozenset[tuple[str, int]] = frozenset()
+        """(protocol, host port) of every listener, for other threads (`own_ports`): a
+        port is in it from before its socket is bound until after it is closed."""
         self._failed: dict[RelayTarget, str] = {}
         self._lock = asyncio.Lock()
         self._retrying: asyncio.Task[None] | None = None
+
+    def own_ports(self, protocol: str) -> set[int]:
+        """The host ports this relay listens on for `protocol`; safe from any thread.
+
+        A port clash check in netstackd must not take these for a process on the host: a
+        port unpublished a moment ago keeps its listener until the next reload, and the
+        store says whether a port is published (measured: a CNI DEL then ADD of the same
+        port through netstackd failed "in use by a process on the host" when the ADD came
+        before the reload that follows the DEL)."""
+        return {port for proto, port in self.ports if proto == protocol}
 
     def listening(self) -> list[RelayTarget]:
         """The targets being served now, sorted."""
@@ -518,6 +531,7 @@ class LoopbackRelay:
                 if kept is not listener.target and kept != listener.target:
                     del self._listeners[key]
                     await listener.close()
+                    self.ports = frozenset(self._listeners)  # once its socket is gone
                     log.info("loopback relay: stopped %s", listener.target)
             self._failed = {
                 target: reason
@@ -549,9 +563,11 @@ class LoopbackRelay:
             listener = _TcpListener(target)
         else:
             listener = _UdpListener(target, self.udp_idle_timeout, self.udp_max_flows)
+        self.ports = self.ports | {key}  # before its socket exists, never after
         try:
             await listener.start()
         except OSError as exc:
+            self.ports = frozenset(self._listeners)
             reason = exc.strerror or str(exc)
             # Warn once per target and reason; a retry failing the same way is no news.
             level = logging.DEBUG if self._failed.get(target) == reason else logging.WARNING
@@ -568,6 +584,7 @@ class LoopbackRelay:
             return
         self._failed.pop(target, None)
         self._listeners[key] = listener
+        self.ports = frozenset(self._listeners)
         log.info("loopback relay: serving %s", target)
 
     async def close(self) -> None:

@@ -289,6 +289,9 @@ def test_sync_starts_stops_and_leaves_unchanged_listeners_alone(
     relay = relays()
     relay.sync(targets)
     assert tcp_ask(host.name, "::1", 8080, 2.0) is not None
+    # what netstackd's port clash check leaves out (not "a process on the host")
+    assert relay.relay.own_ports("tcp") == {8080, 7000}
+    assert relay.relay.own_ports("udp") == {5353}
 
     # A connection in progress through 7000 survives a sync that keeps 7000.
     held = ns_socket(host.name, socket.AF_INET6, socket.SOCK_STREAM)
@@ -306,6 +309,7 @@ def test_sync_starts_stops_and_leaves_unchanged_listeners_alone(
     kept = [t for t in targets if t.host_port == 7000]
     relay.sync(kept)
     assert relay.run(relay.relay.listening) == kept
+    assert (relay.relay.own_ports("tcp"), relay.relay.own_ports("udp")) == ({7000}, set())
     assert_refused(host, "tcp", 8080)
     assert_refused(host, "udp", 5353)
     assert tcp_exchange(host, 7000, b"still here") == b"still here"

@@ -5,6 +5,7 @@ shapes (`Err` from the NetworkDriver, `Error` from the IpamDriver) and malformed
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -499,3 +500,35 @@ def test_quick_calls_are_those_without_kernel_work_or_waiting() -> None:
     finally:
         network.ENDPOINT_LOCKS.forget("e1")
     assert app.quick("/NetworkDriver.Join", b"not json")
+
+
+def test_port_clash_check_asks_the_busy_ports_it_was_given(tmp_path: Path) -> None:
+    """The controller asks its `busy_on_host` which host ports processes hold (netstackd
+    gives one that leaves out its own relay listeners), not the kernel directly."""
+    asked: list[tuple[str, list[int] | None]] = []
+
+    def busy(protocol: str, among: Sequence[int] | None) -> set[int]:
+        asked.append((protocol, None if among is None else list(among)))
+        return {8080}
+
+    plugin = Plugin(tmp_path)
+    plugin.controller = Controller(
+        Store(tmp_path), {"bridge": plugin.driver}, host_routes=lambda: [], busy_on_host=busy
+    )
+    create_network(plugin)
+    plugin.call(
+        "NetworkDriver.CreateEndpoint",
+        {"NetworkID": NID, "EndpointID": EID, "Interface": {"Address": "10.9.0.5/24"}},
+    )
+    for host_port, status in ((8080, 409), (8081, 200)):
+        mapping = {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": host_port,
+                   "HostPortEnd": host_port}  # fmt: skip
+        reply = plugin.raw(
+            "NetworkDriver.ProgramExternalConnectivity",
+            json.dumps(
+                {"NetworkID": NID, "EndpointID": EID,
+                 "Options": {"com.docker.network.portmap": [mapping]}}
+            ).encode(),
+        )  # fmt: skip
+        assert reply.status == status, reply.document
+    assert asked == [("tcp", [8080]), ("tcp", [8081])]
