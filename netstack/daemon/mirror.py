@@ -22,8 +22,8 @@ class StoreView:
     networks: list[Network]
     rows: list[EndpointRow]  # every endpoint (`Store.endpoint_name_rows`)
     published: list[RelayStoreRow]  # every published port (`Store.relay_rows`)
-    removed: list[EndpointRow] | None  # rows gone since the last view, and
-    added: list[EndpointRow] | None  # rows new since it; None: everything read afresh
+    changes: tuple[list[EndpointRow], list[EndpointRow]] | None  # rows (removed, added)
+    # since the last view; None: everything read afresh
     relay_changed: bool  # whether `published` differs from the last view's
 
 
@@ -57,12 +57,12 @@ class StoreMirror:
         if ids is None:
             self._rows = {row[0]: row for row in rows}
             self._published = _by_endpoint(published)
-            return StoreView(networks, rows, published, None, None, True)
+            return StoreView(networks, rows, published, None, True)
         removed, added = self._apply_rows(ids, rows)
         relay_changed = self._apply_published(ids, published)
         every_port = list(itertools.chain.from_iterable(self._published.values()))
         return StoreView(
-            networks, list(self._rows.values()), every_port, removed, added, relay_changed
+            networks, list(self._rows.values()), every_port, (removed, added), relay_changed
         )
 
     def _apply_rows(

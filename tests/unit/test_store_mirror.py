@@ -46,15 +46,16 @@ def test_every_view_equals_a_full_read(tmp_path: Path) -> None:
     mirror = StoreMirror()
     rng = random.Random(7)
     last = mirror.read(store)
-    assert last.added is None and last.relay_changed  # the first read is a full one
+    assert last.changes is None and last.relay_changed  # the first read is a full one
     for step in range(200):
         _write_at_random(other, rng, step)
         view = mirror.read(store)
         assert view.rows == store.endpoint_name_rows(), step
         assert Counter(view.published) == Counter(store.relay_rows()), step
-        assert view.removed is not None and view.added is not None
-        assert Counter(last.rows) - Counter(view.rows) == Counter(view.removed), step
-        assert Counter(view.rows) - Counter(last.rows) == Counter(view.added), step
+        assert view.changes is not None
+        removed, added = view.changes
+        assert Counter(last.rows) - Counter(view.rows) == Counter(removed), step
+        assert Counter(view.rows) - Counter(last.rows) == Counter(added), step
         assert view.relay_changed == (Counter(view.published) != Counter(last.published))
         assert [n.id for n in view.networks] == [ID_A]
         last = view
@@ -73,9 +74,9 @@ def test_reads_everything_when_the_log_is_left_behind(tmp_path: Path) -> None:
         for n in range(CHANGES_KEPT + 300):
             store.update_endpoint_sandbox(conn, "1" * 64, f"web-{n}")
     view = mirror.read(store)
-    assert view.added is None  # read afresh
+    assert view.changes is None  # read afresh
     assert view.rows == store.endpoint_name_rows()
-    assert mirror.read(store).added == []
+    assert mirror.read(store).changes == ([], [])
     mirror.forget()
-    assert mirror.read(store).added is None
+    assert mirror.read(store).changes is None
     store.close()
