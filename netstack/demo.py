@@ -123,6 +123,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the demo creates network namespaces: run it as root", file=sys.stderr)
         return 1
+    missing = [tool for tool in ("ip", "nsenter", "ping") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"the demo needs {', '.join(missing)}: install iproute2, util-linux and"
+            " iputils-ping (.ci/setup does)",
+            file=sys.stderr,
+        )
+        return 1
     state_dir = tempfile.mkdtemp(prefix="netstack-demo-")
     demo = Demo(state_dir)
     try:
