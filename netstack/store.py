@@ -28,10 +28,12 @@ from netstack.model import (
     RelayStoreRow,
     Sandbox,
 )
+from netstack.ports import PROTOCOLS
 
 DEFAULT_STATE_DIR = "/var/lib/netstack"
 SCHEMA_VERSION = 3
 CHANGES_KEPT = 4096
+_PROTOCOL_MARKS = ",".join("?" * len(PROTOCOLS))
 """Entries of the endpoint change log kept (`Store.changes_since`): a reader further behind
 reads everything again."""
 
@@ -503,7 +505,10 @@ class Store:
         for start in range(0, len(ports), 500):  # within SQLite's limit on parameters
             chunk = ports[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self.conn.execute(f"{query} WHERE host_port IN ({marks})", chunk).fetchall()
+            # naming the protocols lets SQLite look the ports up in the primary key
+            # (protocol, host_port, host_ip) rather than read every binding
+            where = f"protocol IN ({_PROTOCOL_MARKS}) AND host_port IN ({marks})"
+            rows = self.conn.execute(f"{query} WHERE {where}", [*PROTOCOLS, *chunk]).fetchall()
             found += [PortBinding(*row) for row in rows]
         return found
 

@@ -177,7 +177,7 @@ class Daemon:
     def _busy_on_host(self, protocol: str, among: Sequence[int] | None) -> set[int]:
         """Host ports bound by processes, less the relay's own listeners (in a worker
         thread: `LoopbackRelay.own_ports` says why)."""
-        return sockets.bound_ports(protocol, among) - self.relay.own_ports(protocol)
+        return sockets.bound_ports(protocol, among) - self.relay.own_ports(protocol, among)
 
     async def reload(self) -> None:
         """Re-read the store and bring every part in line with it.

@@ -292,6 +292,9 @@ def test_sync_starts_stops_and_leaves_unchanged_listeners_alone(
     # what netstackd's port clash check leaves out (not "a process on the host")
     assert relay.relay.own_ports("tcp") == {8080, 7000}
     assert relay.relay.own_ports("udp") == {5353}
+    assert relay.relay.own_ports("tcp", [8080, 5353, 9999]) == {8080}
+    assert relay.relay.own_ports("udp", [5353]) == {5353}
+    assert relay.relay.own_ports("tcp", []) == set()
 
     # A connection in progress through 7000 survives a sync that keeps 7000.
     held = ns_socket(host.name, socket.AF_INET6, socket.SOCK_STREAM)
