@@ -32,7 +32,10 @@ container (bridge, network, rules; page cache): the first one's ADD is the "cold
 Controls: during the first and last bucket, a probe container is added and deleted at each
 step on an empty network in two more hosts (``ref_fresh``, ``ns_fresh``): the 1st
 container's cost measured at the same moment as the Nth, so growth can be read with the
-load drift taken out (growth / the control's own last/first).
+load drift taken out: "corrected" divides the growth by the control's own last/first
+(medians of each bucket); "paired" takes each step's ADD over the probe ADD of the same
+step and compares the median of those ratios in the last bucket with the first (the two
+run seconds apart, so a drift within the run cancels step by step).
 
 Start-up: VERSION exec of netstack vs the reference bridge, and /bin/true (the harness).
 
@@ -224,6 +227,7 @@ class Series:
     cold_add: float = float("nan")
     cold_del: float = float("nan")
     probe_add: dict[str, list[float]] = field(default_factory=dict)  # bucket -> ms
+    probe_at: dict[int, float] = field(default_factory=dict)  # step -> probe ADD ms
     probe_del: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -489,7 +493,8 @@ def measure(
             for s, kind in todo:
                 if kind == "probe":
                     tag = "first" if i in first else "last"
-                    s.probe_add.setdefault(tag, []).append(s.run_add(ns, i, s.containers[0]).ms)
+                    s.probe_at[i] = s.run_add(ns, i, s.containers[0]).ms
+                    s.probe_add.setdefault(tag, []).append(s.probe_at[i])
                     s.probe_del.setdefault(tag, []).append(s.run_del(ns, i, s.containers[0]).ms)
                 elif phase == "ADD":
                     s.add[i] = s.run_add(ns, i, s.containers[i])
@@ -572,6 +577,21 @@ def same_step_ratios(a: Series, b: Series, which: str) -> list[float]:
     ta, tb = (a.add, b.add) if which == "add" else (a.delete, b.delete)
     skip = a.filled | b.filled if which == "add" else a.del_filled | b.del_filled
     return [ta[i].ms / tb[i].ms for i in ta if i in tb and i not in skip and tb[i].ms > 0]
+
+
+def paired_growth(s: Series, control: Series, first: range, last: range) -> float:
+    """Growth with the drift taken out step by step: each ADD of the first and last bucket
+    over the control's probe ADD of the same step (run next to it, in the same shuffled
+    step), then the median of the last bucket's ratios over the first's."""
+
+    def ratios(steps: range) -> list[float]:
+        return [
+            s.add[i].ms / control.probe_at[i]
+            for i in steps
+            if i in s.add and control.probe_at.get(i, 0) > 0
+        ]
+
+    return ratio(med(ratios(last)), med(ratios(first)))
 
 
 def report(
@@ -657,12 +677,15 @@ def report(
         a1, a2 = bucket_ms(s, "add", first), bucket_ms(s, "add", last)
         growth = ratio(a2, a1)
         line = f"  {s.label:42} {growth:5.2f}x"
-        corrected = float("nan")
+        corrected = paired = float("nan")
         if control is not None and control.probe_add.get("last"):
             drift = ratio(med(control.probe_add["last"]), med(control.probe_add["first"]))
             corrected = growth / drift
             line += f"   control drift {drift:4.2f}x -> corrected {corrected:4.2f}x"
             metric(f"cni_{s.key}_add_growth_corrected", corrected, "x")
+            paired = paired_growth(s, control, first, last)
+            line += f"; paired step by step {paired:4.2f}x"
+            metric(f"cni_{s.key}_add_growth_paired", paired, "x")
             if s.key in ("ref", "ns"):  # the control is the same configuration on an empty host
                 same_time = ratio(a2, med(control.probe_add["last"]))
                 line += f"; same-time Nth/1st (vs empty network) {same_time:4.2f}x"
@@ -671,6 +694,8 @@ def report(
             verdicts = [f"raw {'meets' if growth <= GOAL_GROWTH else 'misses'}"]
             if corrected == corrected:
                 verdicts.append(f"corrected {'meets' if corrected <= GOAL_GROWTH else 'misses'}")
+            if paired == paired:
+                verdicts.append(f"paired {'meets' if paired <= GOAL_GROWTH else 'misses'}")
             line += f"   goal <= {GOAL_GROWTH}: {', '.join(verdicts)}"
         say(line)
 
