@@ -25,6 +25,9 @@ class StoreView:
     changes: tuple[list[EndpointRow], list[EndpointRow]] | None  # rows (removed, added)
     # since the last view; None: everything read afresh
     relay_changed: bool  # whether `published` differs from the last view's
+    published_changes: dict[str, list[RelayStoreRow]] | None
+    # the rows now of every endpoint whose published ports changed since the last view
+    # (empty: none left); None: everything read afresh
 
 
 class StoreMirror:
@@ -57,12 +60,17 @@ class StoreMirror:
         if ids is None:
             self._rows = {row[0]: row for row in rows}
             self._published = _by_endpoint(published)
-            return StoreView(networks, rows, published, None, True)
+            return StoreView(networks, rows, published, None, True, None)
         removed, added = self._apply_rows(ids, rows)
-        relay_changed = self._apply_published(ids, published)
+        ports_changed = self._apply_published(ids, published)
         every_port = list(itertools.chain.from_iterable(self._published.values()))
         return StoreView(
-            networks, list(self._rows.values()), every_port, (removed, added), relay_changed
+            networks,
+            list(self._rows.values()),
+            every_port,
+            (removed, added),
+            bool(ports_changed),
+            ports_changed,
         )
 
     def _apply_rows(
@@ -79,14 +87,18 @@ class StoreMirror:
         known.update(fresh)
         return removed, added
 
-    def _apply_published(self, ids: set[str], published: list[RelayStoreRow]) -> bool:
+    def _apply_published(
+        self, ids: set[str], published: list[RelayStoreRow]
+    ) -> dict[str, list[RelayStoreRow]]:
+        """Take in the published ports of the endpoints `ids`; those whose ports changed,
+        with their rows now."""
         fresh = _by_endpoint(published)
-        changed = False
+        changed: dict[str, list[RelayStoreRow]] = {}
         for endpoint_id in ids:
             new = fresh.get(endpoint_id)
             if new == self._published.get(endpoint_id):
                 continue
-            changed = True
+            changed[endpoint_id] = new or []
             if new is None:
                 del self._published[endpoint_id]
             else:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
 import socket
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from netstack.model import Endpoint, IPInterface, PortBinding, RelayStoreRow
@@ -115,31 +116,58 @@ RelayRow = RelayStoreRow
 port, container port, and its endpoint's IPv4 and IPv6 interface."""
 
 
+@dataclass(frozen=True)
+class RelayChange:
+    """What `LoopbackRelay.apply` brings the listeners to: exactly the targets `full`, or,
+    when `full` is None, the last ones less `removed` plus `added`."""
+
+    full: list[RelayTarget] | None = None
+    removed: list[RelayTarget] = field(default_factory=list)
+    added: list[RelayTarget] = field(default_factory=list)
+
+
+def _row_target(row: RelayRow) -> RelayTarget | None:
+    _, protocol, host_ip, host_port, container_port, ipv4, ipv6 = row
+    text = ipv6 if ipv6 is not None else ipv4
+    address = None if text is None else ipaddress.ip_interface(text)
+    return _target(PortBinding(protocol, host_ip, host_port, container_port), address)
+
+
 class RelayPlanner:
-    """`relay_targets` from the store's rows, for netstackd's reload after every change:
-    each row's target is worked out once and is the same object on every later call, so
-    `LoopbackRelay.sync` finds the unchanged ones by identity (at 300 published ports,
-    building and comparing them afresh cost several ms per reload). Row order, no
-    duplicates. One caller at a time."""
+    """The relay's targets from the store's rows (`Store.relay_rows`), kept per endpoint:
+    every row's after a full read of the store (`full`), then only those of the endpoints
+    whose published ports changed (`change`). Working out every row's target on each
+    reload cost 0.28 ms at 500 published ports and 0.5 ms at 1000 on a quiet machine here,
+    and ~3x that inside netstackd at work; a change costs the same at 1 or 1000. One caller
+    at a time; after a failed reload, start again with `full`."""
 
     def __init__(self) -> None:
-        self._known: dict[RelayRow, RelayTarget | None] = {}
+        self._by_endpoint: dict[str, list[RelayTarget]] = {}
 
-    def targets(self, rows: Iterable[RelayRow]) -> list[RelayTarget]:
-        known, self._known = self._known, {}
-        found: dict[RelayTarget, None] = {}
+    def full(self, rows: Iterable[RelayRow]) -> RelayChange:
+        """Every row's target, in row order, without duplicates."""
+        self._by_endpoint = {}
         for row in rows:
-            if row in known:
-                target = known[row]
-            else:
-                _, protocol, host_ip, host_port, container_port, ipv4, ipv6 = row
-                text = ipv6 if ipv6 is not None else ipv4
-                address = None if text is None else ipaddress.ip_interface(text)
-                target = _target(PortBinding(protocol, host_ip, host_port, container_port), address)
-            self._known[row] = target
+            target = _row_target(row)
             if target is not None:
-                found[target] = None
-        return list(found)
+                self._by_endpoint.setdefault(row[0], []).append(target)
+        every = itertools.chain.from_iterable(self._by_endpoint.values())
+        return RelayChange(full=list(dict.fromkeys(every)))
+
+    def change(self, published: Mapping[str, Sequence[RelayRow]]) -> RelayChange:
+        """The targets removed and added, given the rows now of every endpoint whose
+        published ports changed (none: unpublished or gone). A target an endpoint keeps is
+        in neither list, so its listener and connections stay."""
+        removed: list[RelayTarget] = []
+        added: list[RelayTarget] = []
+        for endpoint_id, rows in published.items():
+            old = self._by_endpoint.pop(endpoint_id, [])
+            new = list(dict.fromkeys(t for row in rows if (t := _row_target(row)) is not None))
+            if new:
+                self._by_endpoint[endpoint_id] = new
+            removed += [target for target in old if target not in new]
+            added += [target for target in new if target not in old]
+        return RelayChange(removed=removed, added=added)
 
 
 class FlowTable(Generic[K, V]):
@@ -479,6 +507,8 @@ class LoopbackRelay:
         self.ports: frozenset[tuple[str, int]] = frozenset()
         """(protocol, host port) of every listener, for other threads (`own_ports`): a
         port is in it from before its socket is bound until after it is closed."""
+        self._wanted: dict[tuple[str, int], list[RelayTarget]] = {}
+        """Every target wanted, per port, in the order given: the first is served."""
         self._failed: dict[RelayTarget, str] = {}
         self._lock = asyncio.Lock()
         self._retrying: asyncio.Task[None] | None = None
@@ -515,39 +545,85 @@ class LoopbackRelay:
         reset their connections and flows), leave unchanged ones alone. Idempotent.
 
         Never raises for a port: one that cannot be bound is logged and skipped (and tried
-        again later); an SCTP target, or a second target for one port, is logged and skipped.
+        again later); an SCTP target is logged and skipped; of several targets for one
+        port, the first is served and the others are logged (one takes over if the first
+        goes, through `update`).
         """
         async with self._lock:
-            wanted: dict[tuple[str, int], RelayTarget] = {}
-            for target in targets:
+            wanted: dict[tuple[str, int], list[RelayTarget]] = {}
+            for target in dict.fromkeys(targets):
+                if self._relayable(target):
+                    wanted.setdefault((target.protocol, target.host_port), []).append(target)
+            keys = self._wanted.keys() | wanted.keys() | self._listeners.keys()
+            self._wanted = wanted
+            await self._settle(keys)
+
+    async def update(self, removed: Iterable[RelayTarget], added: Iterable[RelayTarget]) -> None:
+        """Stop relaying `removed` and start relaying `added`, as `sync` would with the last
+        targets less `removed` plus `added`; only those ports are looked at."""
+        async with self._lock:
+            keys: set[tuple[str, int]] = set()
+            for target in removed:
                 key = (target.protocol, target.host_port)
-                if target.protocol not in PROTOCOLS:
-                    log.warning("loopback relay: %s: protocol not relayed; skipped", target)
-                elif key in wanted and wanted[key] != target:
+                candidates = self._wanted.get(key, [])
+                if target in candidates:
+                    candidates.remove(target)
+                    keys.add(key)
+                    if not candidates:
+                        del self._wanted[key]
+            for target in added:
+                if self._relayable(target):
+                    key = (target.protocol, target.host_port)
+                    candidates = self._wanted.setdefault(key, [])
+                    if target not in candidates:
+                        candidates.append(target)
+                        keys.add(key)
+            await self._settle(keys)
+
+    async def apply(self, change: RelayChange) -> None:
+        """`sync` to `change.full`, or `update` by its removed and added targets."""
+        if change.full is not None:
+            await self.sync(change.full)
+        else:
+            await self.update(change.removed, change.added)
+
+    @staticmethod
+    def _relayable(target: RelayTarget) -> bool:
+        if target.protocol in PROTOCOLS:
+            return True
+        log.warning("loopback relay: %s: protocol not relayed; skipped", target)
+        return False
+
+    async def _settle(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Bring the listeners of these ports in line with `_wanted` (under the lock): each
+        serves its port's first wanted target. Stops come before starts, so a port handed
+        from one target to another is free when the new listener binds it."""
+        serve: dict[tuple[str, int], RelayTarget] = {}
+        for key in keys:
+            candidates = self._wanted.get(key)
+            if candidates:
+                serve[key] = candidates[0]
+                for other in candidates[1:]:
                     log.warning(
                         "loopback relay: %s: port already relayed to %s; skipped",
-                        target,
-                        wanted[key],
+                        other,
+                        candidates[0],
                     )
-                else:
-                    wanted[key] = target
-            for key, listener in list(self._listeners.items()):
-                kept = wanted.get(key)  # the same object when unchanged (RelayPlanner)
-                if kept is not listener.target and kept != listener.target:
-                    del self._listeners[key]
-                    await listener.close()
-                    self.ports = frozenset(self._listeners)  # once its socket is gone
-                    log.info("loopback relay: stopped %s", listener.target)
-            self._failed = {
-                target: reason
-                for target, reason in self._failed.items()
-                if wanted.get((target.protocol, target.host_port)) == target
-            }
-            for key, target in wanted.items():
-                if key not in self._listeners:
-                    await self._start(key, target)
-            if self._failed and self._retrying is None:
-                self._retrying = asyncio.create_task(self._retry())
+            listener = self._listeners.get(key)
+            if listener is not None and listener.target != serve.get(key):
+                del self._listeners[key]
+                await listener.close()
+                self.ports = frozenset(self._listeners)  # once its socket is gone
+                log.info("loopback relay: stopped %s", listener.target)
+        for target in list(self._failed):
+            key = (target.protocol, target.host_port)
+            if key in keys and serve.get(key) != target:
+                del self._failed[target]
+        for key, target in serve.items():
+            if key not in self._listeners:
+                await self._start(key, target)
+        if self._failed and self._retrying is None:
+            self._retrying = asyncio.create_task(self._retry())
 
     async def _retry(self) -> None:
         """Try the ports that failed again, every `retry_interval`, until none is left."""

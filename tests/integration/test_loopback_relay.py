@@ -106,6 +106,9 @@ class RelayThread:
     def sync(self, targets: list[RelayTarget]) -> None:
         self.call(self.relay.sync(targets))
 
+    def update(self, removed: list[RelayTarget], added: list[RelayTarget]) -> None:
+        self.call(self.relay.update(removed, added))
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -456,3 +459,45 @@ def test_udp_flows_per_client_idle_out_and_are_capped(
     finally:
         for client in clients:
             client.close()
+
+
+def test_update_touches_only_the_ports_it_names(
+    host: Host,
+    start_server: StartServer,
+    bulk_echo: Callable[[str, int], None],
+    relays: Callable[..., RelayThread],
+) -> None:
+    """`update` (netstackd after a change) stops and starts the ports it is given and no
+    other: a connection through another port goes on. Of two targets for one port the first
+    is served, and the second takes over when the first goes."""
+    dual_stack(host, "pub", 76)
+    web, db = host.sandbox("web"), host.sandbox("db")
+    connect(host, "pub", web, "8080:80", "7000:7000")
+    connect(host, "pub", db, "5432:80")
+    start_server(web, "web", "tcp:80")
+    start_server(db, "db", "tcp:80")
+    bulk_echo(web, 7000)
+    gateway6 = gateway_of(host, "pub", 6)
+    by_port = {target.host_port: target for target in store_targets(host)}
+    relay = relays()
+    relay.sync([by_port[8080], by_port[7000]])
+    held = ns_socket(host.name, socket.AF_INET6, socket.SOCK_STREAM)
+    held.settimeout(CALL_TIMEOUT)
+    with held:
+        held.connect(("::1", 7000))
+        held.sendall(b"before ")
+        relay.update([by_port[8080]], [by_port[5432]])
+        assert_refused(host, "tcp", 8080)
+        assert tcp_ask(host.name, "::1", 5432, 2.0) == Reply("db", "tcp", 80, gateway6)
+        held.sendall(b"after")
+        held.shutdown(socket.SHUT_WR)
+        assert read_all(held) == b"before after"
+
+    to_web = RelayTarget("tcp", 9000, by_port[8080].target_ip, 80)
+    to_db = RelayTarget("tcp", 9000, by_port[5432].target_ip, 80)
+    relay.update([], [to_web, to_db])
+    assert tcp_ask(host.name, "::1", 9000, 2.0) == Reply("web", "tcp", 80, gateway6)
+    relay.update([to_web], [])
+    assert tcp_ask(host.name, "::1", 9000, 2.0) == Reply("db", "tcp", 80, gateway6)
+    assert relay.run(relay.relay.listening) == sorted([by_port[5432], by_port[7000], to_db])
+    assert relay.relay.own_ports("tcp") == {5432, 7000, 9000}

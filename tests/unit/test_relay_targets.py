@@ -122,19 +122,44 @@ def test_planner_gives_what_relay_targets_gives() -> None:
     bare = endpoint(PortBinding("tcp", "", 7000, 70), ipv4=None, ipv6=None, sandbox="bare")
     planner = RelayPlanner()
     for endpoints in ([web, v4_only, bare], [web], [web, web], [], [v4_only]):
-        planned = planner.targets(rows_of(*endpoints))
-        assert sorted(planned) == relay_targets(endpoints)
-        assert len(set(planned)) == len(planned)
+        planned = planner.full(rows_of(*endpoints))
+        assert planned.full is not None and not planned.removed and not planned.added
+        assert sorted(planned.full) == relay_targets(endpoints)
+        assert len(set(planned.full)) == len(planned.full)
 
 
-def test_planner_hands_back_the_same_targets_for_unchanged_rows() -> None:
-    """LoopbackRelay.sync then finds the unchanged listeners by identity."""
+def _by_endpoint(*endpoints: Endpoint) -> dict[str, list[RelayRow]]:
+    rows: dict[str, list[RelayRow]] = {e.id: [] for e in endpoints}
+    for row in rows_of(*endpoints):
+        rows[row[0]].append(row)
+    return rows
+
+
+def test_planner_changes_add_up_to_the_full_plan() -> None:
+    """Applying each change's removed and added targets to the last ones gives what a full
+    plan of the endpoints now gives; a target an endpoint keeps is in neither list."""
+    web = endpoint(PortBinding("tcp", "", 8080, 80), PortBinding("udp", "", 5353, 53))
+    db = endpoint(PortBinding("tcp", "", 5432, 5432), sandbox="db", ipv6=None)
     planner = RelayPlanner()
-    web = endpoint(PortBinding("tcp", "", 8080, 80))
-    first = planner.targets(rows_of(web))
-    db = endpoint(
-        PortBinding("tcp", "", 5432, 5432), sandbox="db", ipv6=IPv6Interface("fd00:1::3/64")
-    )
-    again = planner.targets(rows_of(web, db))
-    assert again[0] is first[0]
-    assert again[1] == RelayTarget("tcp", 5432, "fd00:1::3", 5432)
+    start = planner.full(rows_of(web)).full
+    assert start is not None
+    served = list(start)
+    moved_web = endpoint(PortBinding("tcp", "", 8080, 80), PortBinding("tcp", "", 9090, 90))
+    steps = [
+        ({"db-id": rows_of(db)}, [web, db]),  # db publishes
+        ({"web-id": rows_of(moved_web)}, [moved_web, db]),  # web: 5353 out, 9090 in
+        ({"db-id": []}, [moved_web]),  # db unpublishes (or is gone)
+        ({"web-id": [], "db-id": rows_of(db)}, [db]),
+    ]
+    for published, endpoints in steps:
+        change = planner.change(published)
+        assert change.full is None
+        for target in change.removed:
+            served.remove(target)
+        served += change.added
+        assert sorted(served) == relay_targets(endpoints)
+    change = planner.change({"web-id": rows_of(moved_web)})
+    again = planner.change({"web-id": rows_of(moved_web)})  # the same rows: nothing to do
+    assert change.added and not change.removed and not again.added and not again.removed
+    kept = planner.change(_by_endpoint(endpoint(PortBinding("tcp", "", 8080, 80))))
+    assert kept.added == [] and kept.removed == [RelayTarget("tcp", 9090, "fd00:1::2", 90)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from test_store import ID_A, insert_networks, make_endpoint, make_network
 
 from netstack.daemon.mirror import StoreMirror
-from netstack.model import PortBinding
+from netstack.model import PortBinding, RelayStoreRow
 from netstack.store import CHANGES_KEPT, Store
 
 
@@ -40,6 +40,13 @@ def _write_at_random(store: Store, rng: random.Random, step: int) -> None:
                 store.delete_ports(conn, rng.choice(present))
 
 
+def _ports_by_endpoint(rows: list[RelayStoreRow]) -> dict[str, list[RelayStoreRow]]:
+    found: dict[str, list[RelayStoreRow]] = {}
+    for row in rows:
+        found.setdefault(row[0], []).append(row)
+    return found
+
+
 def test_every_view_equals_a_full_read(tmp_path: Path) -> None:
     store, other = Store(tmp_path), Store(tmp_path)  # netstackd reads, others write
     insert_networks(other, make_network())
@@ -47,6 +54,7 @@ def test_every_view_equals_a_full_read(tmp_path: Path) -> None:
     rng = random.Random(7)
     last = mirror.read(store)
     assert last.changes is None and last.relay_changed  # the first read is a full one
+    assert last.published_changes is None
     for step in range(200):
         _write_at_random(other, rng, step)
         view = mirror.read(store)
@@ -57,6 +65,14 @@ def test_every_view_equals_a_full_read(tmp_path: Path) -> None:
         assert Counter(last.rows) - Counter(view.rows) == Counter(removed), step
         assert Counter(view.rows) - Counter(last.rows) == Counter(added), step
         assert view.relay_changed == (Counter(view.published) != Counter(last.published))
+        # published_changes: exactly the endpoints whose ports changed, with their rows now
+        assert view.published_changes is not None
+        assert view.relay_changed == bool(view.published_changes)
+        now, before = _ports_by_endpoint(view.published), _ports_by_endpoint(last.published)
+        changed = {e for e in now.keys() | before.keys() if now.get(e) != before.get(e)}
+        assert view.published_changes.keys() == changed, step
+        for endpoint_id, rows in view.published_changes.items():
+            assert rows == now.get(endpoint_id, []), step
         assert [n.id for n in view.networks] == [ID_A]
         last = view
     store.close()
