@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,16 @@ def serve(tmp_path: Path, scenario: object) -> list[str]:
     """Run `scenario(path)` against a server; the list of change notifications."""
     changes: list[str] = []
     store_dir = tmp_path / "state"
-    controllers: list[Controller] = []
+    per_thread = threading.local()  # as netstackd's: SQLite connections stay in their thread
 
     def make() -> Controller:
-        if not controllers:
-            controllers.append(
-                Controller(Store(store_dir), {"bridge": BridgeDriver()}, host_routes=lambda: [])
+        controller: Controller | None = getattr(per_thread, "controller", None)
+        if controller is None:
+            controller = Controller(
+                Store(store_dir), {"bridge": BridgeDriver()}, host_routes=lambda: []
             )
-        return controllers[0]
+            per_thread.controller = controller
+        return controller
 
     async def main() -> None:
         server = PluginServer(make, lambda: changes.append("changed"))
