@@ -413,6 +413,64 @@ def test_one_sandbox_joins_a_network_once(plugin: Plugin) -> None:
     assert plugin.controller.endpoint(EID2).sandbox == f"docker/endpoint-{EID2[:12]}"
 
 
+def test_join_records_sandbox_and_endpoint_in_one_transaction(
+    plugin: Plugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker waits on its Join: the adopted sandbox and the endpoint are one commit."""
+    plugin.call(
+        "NetworkDriver.CreateNetwork", {"NetworkID": NID, "IPv4Data": [{"Pool": "10.7.0.0/24"}]}
+    )
+    plugin.call("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID})
+    store = plugin.controller.store
+    opened: list[None] = []
+    transaction = store.transaction
+
+    def counted() -> Any:
+        opened.append(None)
+        return transaction()
+
+    monkeypatch.setattr(store, "transaction", counted)
+    plugin.call("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": KEY})
+    assert len(opened) == 1
+    adopted = store.find_sandbox("docker/0123456789ab")
+    assert adopted is not None and adopted.path == KEY
+    assert plugin.controller.endpoint(EID).sandbox == "docker/0123456789ab"
+
+
+def test_join_into_a_name_recorded_for_another_namespace_leaves_nothing(plugin: Plugin) -> None:
+    """Refused before the kernel is touched; and when another adoption of the name commits
+    while the interface is being made, the interface is deleted again."""
+    plugin.call(
+        "NetworkDriver.CreateNetwork", {"NetworkID": NID, "IPv4Data": [{"Pool": "10.7.0.0/24"}]}
+    )
+    plugin.call("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID})
+    controller, placeholder = plugin.controller, f"docker/endpoint-{EID[:12]}"
+    controller.adopt_sandbox("docker/0123456789ab", "/run/elsewhere/0123456789ab")
+    plugin.driver.calls.clear()
+    reply = plugin.raw(
+        "NetworkDriver.Join",
+        json.dumps({"NetworkID": NID, "EndpointID": EID, "SandboxKey": KEY}).encode(),
+    )
+    assert reply.status == 409 and "already recorded with namespace" in reply.document["Err"]
+    assert plugin.driver.calls == [] and controller.endpoint(EID).sandbox == placeholder
+
+    controller.forget_sandbox("docker/0123456789ab")
+    join = plugin.driver.join
+
+    def join_while_another_adopts(*args: Any, **kwargs: Any) -> str:
+        controller.adopt_sandbox("docker/0123456789ab", "/run/elsewhere/0123456789ab")
+        return join(*args, **kwargs)
+
+    plugin.driver.join = join_while_another_adopts  # type: ignore[method-assign]
+    reply = plugin.raw(
+        "NetworkDriver.Join",
+        json.dumps({"NetworkID": NID, "EndpointID": EID, "SandboxKey": KEY}).encode(),
+    )
+    assert reply.status == 409
+    assert plugin.driver.calls == [("join", EID), ("delete_endpoint", EID)]
+    assert controller.endpoint(EID).sandbox == placeholder
+
+
 def test_delete_network_takes_leftover_endpoints_and_their_sandboxes(plugin: Plugin) -> None:
     create_network(plugin)
     plugin.call("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID})
