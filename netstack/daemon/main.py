@@ -193,10 +193,10 @@ class Daemon:
             self.generation += 1
             loop = asyncio.get_running_loop()
             state = await loop.run_in_executor(None, self._read_state, self.generation)
-            if state.bridges != self.bridges:  # else the periodic sync keeps up (dockerd)
-                self.bridges = state.bridges
-                self._sync_coexist()
             try:
+                if state.bridges != self.bridges:  # else the periodic sync keeps up (dockerd)
+                    self.bridges = state.bridges
+                    self._sync_coexist()
                 await self.dns.update(*state.dns)
                 if state.relay is not None:
                     await self.relay.apply(state.relay)
