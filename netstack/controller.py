@@ -582,7 +582,8 @@ class Controller:
         sandbox = self.store.find_sandbox(sandbox_name)
         if sandbox is None:
             sandbox = Sandbox(name=sandbox_name, path=sandbox_path, created=now())
-        self._check_adoption(sandbox, sandbox_path)
+        else:
+            self._check_adoption(sandbox, sandbox_path)
         with ExitStack() as undo:
             endpoint.interface = driver.join(network, endpoint, sandbox, options)
             undo.callback(driver.delete_endpoint, network, endpoint)

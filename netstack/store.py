@@ -33,9 +33,9 @@ from netstack.ports import PROTOCOLS
 DEFAULT_STATE_DIR = "/var/lib/netstack"
 SCHEMA_VERSION = 3
 CHANGES_KEPT = 4096
-_PROTOCOL_MARKS = ",".join("?" * len(PROTOCOLS))
 """Entries of the endpoint change log kept (`Store.changes_since`): a reader further behind
 reads everything again."""
+_PROTOCOL_MARKS = ",".join("?" * len(PROTOCOLS))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS networks (

@@ -24,10 +24,14 @@ class StoreView:
     published: list[RelayStoreRow]  # every published port (`Store.relay_rows`)
     changes: tuple[list[EndpointRow], list[EndpointRow]] | None  # rows (removed, added)
     # since the last view; None: everything read afresh
-    relay_changed: bool  # whether `published` differs from the last view's
     published_changes: dict[str, list[RelayStoreRow]] | None
     # the rows now of every endpoint whose published ports changed since the last view
     # (empty: none left); None: everything read afresh
+
+    @property
+    def relay_changed(self) -> bool:
+        """Whether `published` may differ from the last view's."""
+        return self.published_changes is None or bool(self.published_changes)
 
 
 class StoreMirror:
@@ -60,17 +64,12 @@ class StoreMirror:
         if ids is None:
             self._rows = {row[0]: row for row in rows}
             self._published = _by_endpoint(published)
-            return StoreView(networks, rows, published, None, True, None)
+            return StoreView(networks, rows, published, None, None)
         removed, added = self._apply_rows(ids, rows)
-        ports_changed = self._apply_published(ids, published)
+        ports_changed = self._apply_published(ids, published)  # before every_port is read
         every_port = list(itertools.chain.from_iterable(self._published.values()))
         return StoreView(
-            networks,
-            list(self._rows.values()),
-            every_port,
-            (removed, added),
-            bool(ports_changed),
-            ports_changed,
+            networks, list(self._rows.values()), every_port, (removed, added), ports_changed
         )
 
     def _apply_rows(

@@ -133,6 +133,11 @@ def _row_target(row: RelayRow) -> RelayTarget | None:
     return _target(PortBinding(protocol, host_ip, host_port, container_port), address)
 
 
+def _endpoint_targets(rows: Iterable[RelayRow]) -> list[RelayTarget]:
+    """One endpoint's targets, in row order, without duplicates."""
+    return list(dict.fromkeys(t for row in rows if (t := _row_target(row)) is not None))
+
+
 class RelayPlanner:
     """The relay's targets from the store's rows (`Store.relay_rows`), kept per endpoint:
     every row's after a full read of the store (`full`), then only those of the endpoints
@@ -146,11 +151,13 @@ class RelayPlanner:
 
     def full(self, rows: Iterable[RelayRow]) -> RelayChange:
         """Every row's target, in row order, without duplicates."""
-        self._by_endpoint = {}
+        grouped: dict[str, list[RelayRow]] = {}
         for row in rows:
-            target = _row_target(row)
-            if target is not None:
-                self._by_endpoint.setdefault(row[0], []).append(target)
+            grouped.setdefault(row[0], []).append(row)
+        self._by_endpoint = {}
+        for endpoint_id, endpoint_rows in grouped.items():
+            if targets := _endpoint_targets(endpoint_rows):
+                self._by_endpoint[endpoint_id] = targets
         every = itertools.chain.from_iterable(self._by_endpoint.values())
         return RelayChange(full=list(dict.fromkeys(every)))
 
@@ -162,7 +169,7 @@ class RelayPlanner:
         added: list[RelayTarget] = []
         for endpoint_id, rows in published.items():
             old = self._by_endpoint.pop(endpoint_id, [])
-            new = list(dict.fromkeys(t for row in rows if (t := _row_target(row)) is not None))
+            new = _endpoint_targets(rows)
             if new:
                 self._by_endpoint[endpoint_id] = new
             removed += [target for target in old if target not in new]
