@@ -29,6 +29,15 @@ containers are deleted in the same order (DEL of the 1st runs with N attached, a
 shared/peers/cni_scaling_impl.sh). Each series starts with two ADD+DEL cycles of a warm-up
 container (bridge, network, rules; page cache): the first one's ADD is the "cold" ADD.
 
+One netstackd per series: after each exec of a netstack series, the harness waits (untimed)
+until that series' netstackd has done the work that follows a call (its ``settle`` op: the
+store read again for DNS and the relay, links queued for deletion deleted). On a real host
+one netstackd serves every network; here each series has its own, and without the wait one
+daemon's reload ran during the next series' exec. Measured: ADDs that overlapped another
+daemon's reload were 0.7-1.2 ms slower, such overlaps went from 6 to 12-19 of the 25 ADDs
+of the ns series from the first bucket to the last (reloads last longer at 500 endpoints,
+ADDs a little longer too), and the growth read for ns swung 1.01-1.19x from run to run.
+
 Controls: during the first and last bucket, a probe container is added and deleted at each
 step on an empty network in two more hosts (``ref_fresh``, ``ns_fresh``): the 1st
 container's cost measured at the same moment as the Nth, so growth can be read with the
@@ -59,6 +68,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -234,6 +244,11 @@ class Series:
     def label(self) -> str:
         return LABELS[self.key]
 
+    def settle(self) -> None:
+        """Untimed: let this series' netstackd finish what follows its last call."""
+        if self.daemon is not None:
+            self.daemon.settle()
+
     def container_id(self, index: int | str) -> str:
         return f"{self.key.replace('_', '-')}-{index}"
 
@@ -343,6 +358,25 @@ class Daemon:
                 self.stop()
                 raise CommandFailed(f"netstackd did not come up: {' | '.join(tail)}")
             time.sleep(0.05)
+
+    def settle(self) -> None:
+        """Wait until this netstackd has done the work that follows its last call (its
+        `settle` op, spoken over its API socket: JSON lines)."""
+        if not self.running:
+            return
+        reply = b""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)
+            sock.connect(str(self.host.run_dir / "netstackd.sock"))
+            sock.sendall(b'{"op": "settle"}\n')
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        answer = json.loads(reply) if reply else {}
+        if not answer.get("ok"):
+            raise CommandFailed(f"netstackd settle: {answer.get('error', 'no reply')}")
 
     def stop(self) -> None:
         """Stop the netstackd this script started (by its pid; nsenter exec'd it)."""
@@ -474,7 +508,9 @@ def measure(
     for s in [*series, *controls]:
         for cycle in range(2):
             a = s.run_add(ns, "w", s.containers[0])
+            s.settle()
             d = s.run_del(ns, "w", s.containers[0])
+            s.settle()
             if cycle == 0:
                 s.cold_add, s.cold_del = a.ms, d.ms
     for phase in ("ADD", "DEL"):
@@ -495,6 +531,7 @@ def measure(
                     tag = "first" if i in first else "last"
                     s.probe_at[i] = s.run_add(ns, i, s.containers[0]).ms
                     s.probe_add.setdefault(tag, []).append(s.probe_at[i])
+                    s.settle()
                     s.probe_del.setdefault(tag, []).append(s.run_del(ns, i, s.containers[0]).ms)
                 elif phase == "ADD":
                     s.add[i] = s.run_add(ns, i, s.containers[i])
@@ -504,6 +541,7 @@ def measure(
                     s.delete[i] = s.run_del(ns, i, s.containers[i])
                     if s.solo and want_on:
                         s.del_filled.add(i)
+                s.settle()
             if i % 50 == 0 or i == n:
                 say(f"#   {phase} {i}/{n} ({time.perf_counter() - t0:.0f} s)")
         set_solo_daemons(series, on=False)

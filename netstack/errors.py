@@ -46,6 +46,13 @@ class Exhausted(NetstackError):
     http_status = 409
 
 
+class Busy(NetstackError):
+    """netstackd is still working on something and did not finish in time."""
+
+    cni_code = 11  # try again later
+    http_status = 503
+
+
 class KernelError(NetstackError):
     """The kernel refused an operation (netlink or nftables)."""
 

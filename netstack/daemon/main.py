@@ -31,7 +31,7 @@ from netstack.daemon.forwarder import HostServers, UpstreamPolicy
 from netstack.daemon.mirror import StoreMirror, StoreView
 from netstack.daemon.paths import LOCK_NAME, run_dir, socket_path
 from netstack.daemon.relay import LoopbackRelay, RelayChange, RelayPlanner
-from netstack.daemon.reloads import ReloadScheduler
+from netstack.daemon.reloads import ReloadScheduler, wait_until_idle
 from netstack.dns import Records, RecordsBuilder
 from netstack.dockerplugin.server import PluginServer, plugin_dir, plugin_socket
 from netstack.drivers.bridge import BridgeDriver
@@ -54,6 +54,8 @@ the CPU (and the GIL) with the burst's own work, e.g. the veth a worker thread i
 the Join."""
 CNI_RELOAD_QUIET = 0.01  # a runtime's next exec follows the last reply within a few ms
 RELOAD_MAX_WAIT = 0.08  # records follow a change within 100 ms, even under a stream of calls
+SETTLE_MAX_WAIT = 10.0  # seconds `settle` waits by default
+SETTLE_MAX_WAIT_LIMIT = 60.0
 COEXIST_INTERVAL = 1.0  # how soon a dockerd started later stops dropping netstack traffic
 
 
@@ -112,6 +114,7 @@ class Daemon:
         self.api.register("status", self.status)
         self.api.register("reload", self.reload_op)
         self.api.register("cni", self.cni_op)
+        self.api.register("settle", self.settle_op)
         self._workers = threading.local()
         self.reaper = LinkReaper()  # veths are deleted after the reply, not before
         self.spares = VethSpares()  # veths made ahead for Docker's Joins
@@ -140,6 +143,42 @@ class Daemon:
     async def reload_op(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.reload()
         return {"generation": self.generation}
+
+    async def settle_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Wait until the work that follows calls is done: no call being served, the store
+        read (records, relay and DNS in line with it) and no link left to delete.
+
+        For benchmarks and tests that must not time one call beside the background work of
+        the one before (on a real host, one netstackd serves every network; a benchmark
+        running a netstackd per series would otherwise time one series' call beside
+        another daemon's reload). `max_wait`: seconds, default 10, at most 60.
+        """
+        max_wait = request.get("max_wait", SETTLE_MAX_WAIT)
+        if (
+            isinstance(max_wait, bool)
+            or not isinstance(max_wait, int | float)
+            or not 0 < max_wait <= SETTLE_MAX_WAIT_LIMIT
+        ):
+            raise InvalidArgument(
+                f"settle: 'max_wait' must be a number of seconds in (0, {SETTLE_MAX_WAIT_LIMIT:g}]"
+            )
+        waited = await wait_until_idle(self._background_work, float(max_wait))
+        return {"generation": self.generation, "waited_ms": round(waited * 1e3, 3)}
+
+    def _background_work(self) -> str:
+        """What the daemon is still doing after its calls ("" when nothing)."""
+        work = []
+        if self._calls_in_flight():
+            work.append("calls being served")
+        if (
+            self.reloads.pending()
+            or self._reload_lock.locked()
+            or self.store.data_version() != self._seen_version
+        ):
+            work.append("store changes not yet read")
+        if queued := self.reaper.pending():
+            work.append(f"{queued} link(s) being deleted")
+        return ", ".join(work)
 
     async def cni_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """The CNI plugin's fast path: run its request here, where everything is loaded.

@@ -15,9 +15,25 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from netstack.errors import Busy
+
 log = logging.getLogger(__name__)
 
 POLL = 0.002  # how often a busy daemon is checked again for a quiet moment
+
+
+async def wait_until_idle(busy: Callable[[], str], max_wait: float, poll: float = POLL) -> float:
+    """Wait until `busy()` names no work left (an empty string); the seconds waited.
+
+    Raises Busy, naming what is still going on, when that takes longer than `max_wait`.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while work := busy():
+        if loop.time() - started >= max_wait:
+            raise Busy(f"netstackd is still busy after {max_wait:g} s ({work}); try again")
+        await asyncio.sleep(poll)
+    return loop.time() - started
 
 
 class ReloadScheduler:

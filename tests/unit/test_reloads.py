@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from netstack.daemon.reloads import ReloadScheduler
+import pytest
+
+from netstack.daemon.reloads import ReloadScheduler, wait_until_idle
+from netstack.errors import Busy
 
 
 def run(scenario: object) -> None:
@@ -145,5 +148,34 @@ def test_calls_that_change_nothing_postpone_a_waiting_reload() -> None:
         last_call = loop.time()
         await settled(scheduler)
         assert len(reloads) == 1 and reloads[0] >= last_call + 0.05
+
+    run(scenario)
+
+
+def test_waiting_until_idle_returns_once_the_work_is_done() -> None:
+    work = ["a reload", "a reload", "1 link(s) being deleted", ""]
+
+    async def scenario() -> None:
+        waited = await wait_until_idle(lambda: work.pop(0) if len(work) > 1 else work[0], 5.0)
+        assert work == [""]  # asked until nothing was left, then no more
+        assert 0 < waited < 1.0
+
+    run(scenario)
+
+
+def test_waiting_until_idle_gives_up_naming_the_work_left() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Busy, match=r"still busy after 0.05 s \(a reload\); try again"):
+            await wait_until_idle(lambda: "a reload", 0.05)
+        assert 0.05 <= loop.time() - started < 1.0
+
+    run(scenario)
+
+
+def test_waiting_until_idle_when_idle_does_not_wait() -> None:
+    async def scenario() -> None:
+        assert await wait_until_idle(lambda: "", 5.0) < 0.01
 
     run(scenario)
