@@ -1,4 +1,5 @@
-"""netstackd lifecycle: one per state directory, status, clean SIGTERM, restart after kill -9."""
+"""netstackd lifecycle: one per state directory, status, clean SIGTERM, restart after kill -9;
+the settle op."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 import signal
 import socket
 import sqlite3
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from netstack.daemon.client import call
+from netstack.errors import NetstackError
 
 if TYPE_CHECKING:
     from conftest import Daemons, Host
@@ -73,34 +76,22 @@ def test_restart_after_kill_9(host: Host, daemons: Daemons) -> None:
     assert info["running"] is True
 
 
-def _ask(host: Host, request: bytes) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(host.run_dir / "netstackd.sock"))
-        sock.sendall(request + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            reply += sock.recv(65536)
-    return dict(json.loads(reply))
-
-
-def test_settle_answers_once_a_change_is_read(host: Host, daemons: Daemons, tmp_path: Path) -> None:
+def test_settle_answers_once_a_change_is_read(host: Host, daemons: Daemons) -> None:
+    sock = host.run_dir / "netstackd.sock"
     daemons.start()
     daemons.wait_running()
-    before = _ask(host, b'{"op": "settle"}')
-    assert before["ok"] is True
+    before = call("settle", sock)["generation"]
     host.netctl("network", "create", "settle-net", "--subnet", "10.77.0.0/24")
-    told = _ask(host, b'{"op": "settle"}')["result"]["generation"]  # type: ignore[index]
+    told = call("settle", sock)["generation"]
     # a write the daemon is not told about (another writer's commit): only its store watch
     # finds it, within 20 ms, and settle must not answer before it has been read
     with sqlite3.connect(host.state_dir / "state.db", isolation_level=None) as db:
         db.execute("UPDATE networks SET labels = '{\"by\": \"test\"}' WHERE name = 'settle-net'")
-    after = _ask(host, b'{"op": "settle"}')
-    assert after["ok"] is True
-    assert before["result"]["generation"] < told < after["result"]["generation"]  # type: ignore[index,operator]
+    assert before < told < call("settle", sock)["generation"]
 
-    for bad in (b'{"op": "settle", "max_wait": 0}', b'{"op": "settle", "max_wait": "soon"}'):
-        answer = _ask(host, bad)
-        assert answer["ok"] is False
-        assert "'max_wait' must be a number of seconds in (0, 60]" in str(answer["error"])
+    for bad in (0, "soon", 61):
+        with pytest.raises(
+            NetstackError, match=r"'max_wait' must be a number of seconds in \(0, 60\]"
+        ):
+            call("settle", sock, max_wait=bad)
     host.netctl("network", "rm", "settle-net")
