@@ -68,7 +68,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,10 @@ from benchlib import (
     run_main,
     say,
 )
+
+from netstack.daemon.client import call
+from netstack.daemon.paths import SOCKET_NAME
+from netstack.errors import NetstackError
 
 CNI_VERSION = "1.0.0"
 REF_BIN = Path("/usr/lib/cni")
@@ -361,22 +364,13 @@ class Daemon:
 
     def settle(self) -> None:
         """Wait until this netstackd has done the work that follows its last call (its
-        `settle` op, spoken over its API socket: JSON lines)."""
+        `settle` op)."""
         if not self.running:
             return
-        reply = b""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(60)
-            sock.connect(str(self.host.run_dir / "netstackd.sock"))
-            sock.sendall(b'{"op": "settle"}\n')
-            while not reply.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-        answer = json.loads(reply) if reply else {}
-        if not answer.get("ok"):
-            raise CommandFailed(f"netstackd settle: {answer.get('error', 'no reply')}")
+        try:
+            call("settle", self.host.run_dir / SOCKET_NAME, timeout=60.0)
+        except NetstackError as exc:
+            raise CommandFailed(f"netstackd settle: {exc}") from None
 
     def stop(self) -> None:
         """Stop the netstackd this script started (by its pid; nsenter exec'd it)."""

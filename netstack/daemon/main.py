@@ -170,11 +170,7 @@ class Daemon:
         work = []
         if self._calls_in_flight():
             work.append("calls being served")
-        if (
-            self.reloads.pending()
-            or self._reload_lock.locked()
-            or self.store.data_version() != self._seen_version
-        ):
+        if self.reloads.pending() or self._reload_lock.locked() or self._store_unread():
             work.append("store changes not yet read")
         if queued := self.reaper.pending():
             work.append(f"{queued} link(s) being deleted")
@@ -276,6 +272,10 @@ class Daemon:
             return self._relay_plan.full(view.published)
         return self._relay_plan.change(view.published_changes)
 
+    def _store_unread(self) -> bool:
+        """Whether another connection committed since the last reload began reading."""
+        return self.store.data_version() != self._seen_version
+
     def _plugin_changed(self) -> None:
         self.reloads.changed(PLUGIN_RELOAD_QUIET)
 
@@ -301,7 +301,7 @@ class Daemon:
                 # commit shows here) only competed with it for the CPU (measured: a CNI ADD
                 # at the 300th container waited ~20 ms for such a reload).
                 if (
-                    self.store.data_version() != self._seen_version
+                    self._store_unread()
                     and not self.reloads.pending()
                     and not self._calls_in_flight()
                 ):
