@@ -210,6 +210,24 @@ def tcp_exchange(host: Host, port: int, payload: bytes) -> bytes:
     return received
 
 
+@contextlib.contextmanager
+def held_exchange(host: Host, port: int, first: bytes) -> Iterator[Callable[[bytes], bytes]]:
+    """A TCP connection to [::1]:port that has sent `first` and stays open across the body;
+    the body's `finish(rest)` sends `rest`, half-closes and returns all that came back."""
+    sock = ns_socket(host.name, socket.AF_INET6, socket.SOCK_STREAM)
+    sock.settimeout(CALL_TIMEOUT)
+    with sock:
+        sock.connect(("::1", port))
+        sock.sendall(first)
+
+        def finish(rest: bytes) -> bytes:
+            sock.sendall(rest)
+            sock.shutdown(socket.SHUT_WR)
+            return read_all(sock)
+
+        yield finish
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -300,16 +318,10 @@ def test_sync_starts_stops_and_leaves_unchanged_listeners_alone(
     assert relay.relay.own_ports("tcp", []) == set()
 
     # A connection in progress through 7000 survives a sync that keeps 7000.
-    held = ns_socket(host.name, socket.AF_INET6, socket.SOCK_STREAM)
-    held.settimeout(CALL_TIMEOUT)
-    with held:
-        held.connect(("::1", 7000))
-        held.sendall(b"first half ")
+    with held_exchange(host, 7000, b"first half ") as finish:
         relay.sync(targets)
         relay.sync(list(reversed(targets)))
-        held.sendall(b"second half")
-        held.shutdown(socket.SHUT_WR)
-        assert read_all(held) == b"first half second half"
+        assert finish(b"second half") == b"first half second half"
 
     # Removing 8080 and 5353: refused at once; 7000 still relayed.
     kept = [t for t in targets if t.host_port == 7000]
@@ -481,17 +493,11 @@ def test_update_touches_only_the_ports_it_names(
     by_port = {target.host_port: target for target in store_targets(host)}
     relay = relays()
     relay.sync([by_port[8080], by_port[7000]])
-    held = ns_socket(host.name, socket.AF_INET6, socket.SOCK_STREAM)
-    held.settimeout(CALL_TIMEOUT)
-    with held:
-        held.connect(("::1", 7000))
-        held.sendall(b"before ")
+    with held_exchange(host, 7000, b"before ") as finish:
         relay.update([by_port[8080]], [by_port[5432]])
         assert_refused(host, "tcp", 8080)
         assert tcp_ask(host.name, "::1", 5432, 2.0) == Reply("db", "tcp", 80, gateway6)
-        held.sendall(b"after")
-        held.shutdown(socket.SHUT_WR)
-        assert read_all(held) == b"before after"
+        assert finish(b"after") == b"before after"
 
     to_web = RelayTarget("tcp", 9000, by_port[8080].target_ip, 80)
     to_db = RelayTarget("tcp", 9000, by_port[5432].target_ip, 80)
