@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -79,6 +80,33 @@ class Stats:
 
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
+
+
+def median_ratio_interval(
+    before: Sequence[float],
+    after: Sequence[float],
+    level: float = 0.9,
+    reps: int = 2000,
+    seed: int = 1,
+) -> tuple[float, float]:
+    """A percentile-bootstrap interval for median(after) / median(before): each sample
+    resampled with replacement `reps` times (seeded, so a report is reproducible).
+
+    How far another run of the same code may read the ratio from this one, given the scatter
+    inside the two samples (not drift between them; that is what controls are for). NaNs
+    when either sample is empty."""
+    if not before or not after:
+        return float("nan"), float("nan")
+    rnd = random.Random(seed)
+    ratios = sorted(
+        ratio(
+            statistics.median(rnd.choices(after, k=len(after))),
+            statistics.median(rnd.choices(before, k=len(before))),
+        )
+        for _ in range(reps)
+    )
+    tail = (1 - level) / 2
+    return ratios[int(tail * (reps - 1))], ratios[int((1 - tail) * (reps - 1))]
 
 
 def metric(name: str, value: float | int, unit: str) -> None:

@@ -44,7 +44,9 @@ container's cost measured at the same moment as the Nth, so growth can be read w
 load drift taken out: "corrected" divides the growth by the control's own last/first
 (medians of each bucket); "paired" takes each step's ADD over the probe ADD of the same
 step and compares the median of those ratios in the last bucket with the first (the two
-run seconds apart, so a drift within the run cancels step by step).
+run seconds apart, so a drift within the run cancels step by step). Raw and paired growth
+carry a 90% bootstrap interval ([90%: lo-hi], both buckets resampled): the scatter one run
+has from the next from the noise inside the buckets alone (about +-0.04 at N=500 here).
 
 Start-up: VERSION exec of netstack vs the reference bridge, and /bin/true (the harness).
 
@@ -85,6 +87,7 @@ from benchlib import (
     RunConditions,
     Stats,
     exit_on_signals,
+    median_ratio_interval,
     metric,
     need_root,
     ratio,
@@ -611,19 +614,25 @@ def same_step_ratios(a: Series, b: Series, which: str) -> list[float]:
     return [ta[i].ms / tb[i].ms for i in ta if i in tb and i not in skip and tb[i].ms > 0]
 
 
-def paired_growth(s: Series, control: Series, first: range, last: range) -> float:
-    """Growth with the drift taken out step by step: each ADD of the first and last bucket
-    over the control's probe ADD of the same step (run next to it, in the same shuffled
-    step), then the median of the last bucket's ratios over the first's."""
+def bucket_values(s: Series, idx: range) -> list[float]:
+    return [s.add[i].ms for i in idx if i in s.add]
 
-    def ratios(steps: range) -> list[float]:
-        return [
-            s.add[i].ms / control.probe_at[i]
-            for i in steps
-            if i in s.add and control.probe_at.get(i, 0) > 0
-        ]
 
-    return ratio(med(ratios(last)), med(ratios(first)))
+def paired_ratios(s: Series, control: Series, steps: range) -> list[float]:
+    """Each ADD of `steps` over the control's probe ADD of the same step (run next to it,
+    in the same shuffled step). Paired growth: the median of the last bucket's ratios over
+    the first's, which takes the drift out step by step."""
+    return [
+        s.add[i].ms / control.probe_at[i]
+        for i in steps
+        if i in s.add and control.probe_at.get(i, 0) > 0
+    ]
+
+
+def interval(before: list[float], after: list[float]) -> str:
+    """The 90% bootstrap interval of median(after) / median(before), for a report line."""
+    low, high = median_ratio_interval(before, after)
+    return "" if low != low else f" [90%: {low:4.2f}-{high:4.2f}]"
 
 
 def report(
@@ -708,15 +717,17 @@ def report(
         control = by_key.get("ref_fresh" if s.key.startswith("ref") else "ns_fresh")
         a1, a2 = bucket_ms(s, "add", first), bucket_ms(s, "add", last)
         growth = ratio(a2, a1)
-        line = f"  {s.label:42} {growth:5.2f}x"
+        spread = interval(bucket_values(s, first), bucket_values(s, last))
+        line = f"  {s.label:42} {growth:5.2f}x{spread}"
         corrected = paired = float("nan")
         if control is not None and control.probe_add.get("last"):
             drift = ratio(med(control.probe_add["last"]), med(control.probe_add["first"]))
             corrected = growth / drift
             line += f"   control drift {drift:4.2f}x -> corrected {corrected:4.2f}x"
             metric(f"cni_{s.key}_add_growth_corrected", corrected, "x")
-            paired = paired_growth(s, control, first, last)
-            line += f"; paired step by step {paired:4.2f}x"
+            before, after = paired_ratios(s, control, first), paired_ratios(s, control, last)
+            paired = ratio(med(after), med(before))
+            line += f"; paired step by step {paired:4.2f}x{interval(before, after)}"
             metric(f"cni_{s.key}_add_growth_paired", paired, "x")
             if s.key in ("ref", "ns"):  # the control is the same configuration on an empty host
                 same_time = ratio(a2, med(control.probe_add["last"]))
