@@ -46,7 +46,7 @@ load drift taken out: "corrected" divides the growth by the control's own last/f
 step and compares the median of those ratios in the last bucket with the first (the two
 run seconds apart, so a drift within the run cancels step by step). Raw and paired growth
 carry a 90% bootstrap interval ([90%: lo-hi], both buckets resampled): the scatter one run
-has from the next from the noise inside the buckets alone (about +-0.04 at N=500 here).
+has from the next from the noise inside the buckets alone (about +-0.05 at N=500 here).
 
 Start-up: VERSION exec of netstack vs the reference bridge, and /bin/true (the harness).
 
@@ -598,9 +598,13 @@ def fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:.{digits}f}"
 
 
-def bucket_ms(s: Series, which: str, idx: range) -> float:
+def bucket_values(s: Series, which: str, idx: range) -> list[float]:
     table = s.add if which == "add" else s.delete
-    return med([table[i].ms for i in idx if i in table])
+    return [table[i].ms for i in idx if i in table]
+
+
+def bucket_ms(s: Series, which: str, idx: range) -> float:
+    return med(bucket_values(s, which, idx))
 
 
 def measured(s: Series, which: str) -> list[float]:
@@ -612,10 +616,6 @@ def same_step_ratios(a: Series, b: Series, which: str) -> list[float]:
     ta, tb = (a.add, b.add) if which == "add" else (a.delete, b.delete)
     skip = a.filled | b.filled if which == "add" else a.del_filled | b.del_filled
     return [ta[i].ms / tb[i].ms for i in ta if i in tb and i not in skip and tb[i].ms > 0]
-
-
-def bucket_values(s: Series, idx: range) -> list[float]:
-    return [s.add[i].ms for i in idx if i in s.add]
 
 
 def paired_ratios(s: Series, control: Series, steps: range) -> list[float]:
@@ -715,9 +715,10 @@ def report(
     by_key = {s.key: s for s in [*series, *controls]}
     for s in series:
         control = by_key.get("ref_fresh" if s.key.startswith("ref") else "ns_fresh")
-        a1, a2 = bucket_ms(s, "add", first), bucket_ms(s, "add", last)
+        v1, v2 = bucket_values(s, "add", first), bucket_values(s, "add", last)
+        a1, a2 = med(v1), med(v2)
         growth = ratio(a2, a1)
-        spread = interval(bucket_values(s, first), bucket_values(s, last))
+        spread = interval(v1, v2)
         line = f"  {s.label:42} {growth:5.2f}x{spread}"
         corrected = paired = float("nan")
         if control is not None and control.probe_add.get("last"):
